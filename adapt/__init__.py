@@ -1,0 +1,1 @@
+"""Offline adaptation: model loading, prompt learning, feature cache, DigitsDA, tiny CLIP."""

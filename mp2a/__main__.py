@@ -1,0 +1,5 @@
+import sys
+
+from mp2a.cli import main
+
+sys.exit(main())

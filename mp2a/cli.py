@@ -1,0 +1,119 @@
+"""The `mp2a` command line. `main(argv)` is callable from tests and returns the exit code.
+
+Heavy packages (torch, open_clip, bentoml) are imported inside the sub-commands that need
+them, so `mp2a --help` and the core stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mp2a.errors import Mp2aError
+
+log = logging.getLogger("mp2a")
+
+
+def _cmd_data_digits(args: argparse.Namespace) -> int:
+    from adapt.digits import build_digits
+
+    meta = build_digits(Path(args.out), seed=args.seed, per_class=args.per_class,
+                        progress=not args.quiet)
+    counts = {d: v["count"] for d, v in meta["domains"].items()}
+    print(json.dumps({"out": args.out, "counts": counts}))
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from adapt.features import default_cache_dir
+    from adapt.run import AdaptRequest, adapt
+
+    sources = tuple(s for s in args.sources.split(",") if s) if args.sources else None
+    cache = None if args.no_cache else Path(args.cache_dir or default_cache_dir())
+    metrics = adapt(
+        AdaptRequest(
+            data=Path(args.data),
+            target=args.target,
+            out=Path(args.out),
+            method=args.method,
+            sources=sources,
+            model=args.model,
+            pretrained=args.pretrained,
+            seed=args.seed,
+            template=args.template,
+            cache_dir=cache,
+            progress=not args.quiet,
+        )
+    )
+    acc = metrics["target_accuracy"]
+    summary = {k: metrics[k] for k in ("method", "target", "target_accuracy", "seconds")}
+    print(json.dumps(summary))
+    if acc is not None and not args.quiet:
+        print(f"{metrics['method']} on {metrics['target']}: {100 * acc:.1f}% top-1", file=sys.stderr)
+    return 0
+
+
+def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
+    from adapt.pretrain import PretrainConfig, pretrain
+
+    card = pretrain(Path(args.out), PretrainConfig(steps=args.steps, seed=args.seed))
+    print(json.dumps({k: card[k] for k in ("train_seconds", "final_loss")}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mp2a", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build a benchmark dataset")
+    data_sub = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    dg = data_sub.add_parser("digits", help="DigitsDA: printed, handwritten, textured, street")
+    dg.add_argument("--out", required=True, help="output folder DIR/<domain>/<class>/*.png")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--per-class", type=int, default=100, help="images per class and domain")
+    dg.add_argument("--quiet", action="store_true")
+    dg.set_defaults(func=_cmd_data_digits)
+
+    ad = sub.add_parser("adapt", help="adapt to a target domain and write an artifact")
+    ad.add_argument("--data", required=True, help="ImageFolder root: DIR/<domain>/<class>/*")
+    ad.add_argument("--target", required=True, help="target domain (its labels: evaluation only)")
+    ad.add_argument("--sources", help="comma-separated source domains (default: all others)")
+    ad.add_argument("--method", default="zeroshot", help="zeroshot")
+    ad.add_argument("--model", default="tiny-digits",
+                    help="tiny-digits, an open_clip name, or a model folder")
+    ad.add_argument("--pretrained", help="open_clip tag, checkpoint file, or 'random'")
+    ad.add_argument("--template", help="hand prompt, e.g. 'a photo of a {}.'")
+    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--out", required=True, help="artifact folder to write")
+    ad.add_argument("--cache-dir", help="feature cache (default: $MP2A_CACHE_DIR or ~/.cache)")
+    ad.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    ad.add_argument("--quiet", action="store_true", help="no progress bars")
+    ad.set_defaults(func=_cmd_adapt)
+
+    pt = sub.add_parser("pretrain-tiny", help="re-train the embedded tiny CLIP from scratch")
+    pt.add_argument("--out", required=True, help="model folder to write")
+    pt.add_argument("--steps", type=int, default=1500)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.set_defaults(func=_cmd_pretrain_tiny)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except Mp2aError as e:
+        print(f"mp2a: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mp2a: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""BentoML prediction service, traffic store and the online adaptation worker."""

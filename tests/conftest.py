@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny real models and datasets built on the fly (no mocks, no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+MICRO_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16,
+                       "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 1},
+    },
+    "preprocess_cfg": {"size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                       "interpolation": "bicubic", "resize_mode": "shortest"},
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:  # markers by folder
+        parts = Path(str(item.fspath)).parts
+        if "unit" in parts:
+            item.add_marker(pytest.mark.unit)
+        elif "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised micro CLIP saved as a model folder (config + safetensors)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("micro-clip")
+    (d / "open_clip_config.json").write_text(json.dumps(MICRO_CONFIG))
+    torch.manual_seed(0)
+    m = open_clip.create_model("local-dir:" + str(d), load_weights=False)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()},
+              str(d / "open_clip_model.safetensors"))
+    return d

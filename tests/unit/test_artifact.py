@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+
+from mp2a.artifact import (
+    HEAD_FILE,
+    MANIFEST,
+    ArtifactContents,
+    Backbone,
+    load_artifact,
+    write_artifact,
+)
+from mp2a.errors import ArtifactError
+from mp2a.head import Head, l2_normalize
+from mp2a.preprocess import PreprocessSpec
+
+
+def _contents(seed: int = 0, version: int = 1) -> ArtifactContents:
+    rng = np.random.default_rng(seed)
+    w = l2_normalize(rng.normal(size=(2, 3, 8)).astype(np.float32))
+    return ArtifactContents(
+        backbone=Backbone("tiny-digits", None, "ab" * 32, 8),
+        classes=["zero", "one", "two"],
+        preprocessing=PreprocessSpec(32),
+        head=Head(w, 50.0),
+        method="zeroshot",
+        source_features={
+            "features": rng.normal(size=(5, 8)).astype(np.float32),
+            "labels": np.arange(5, dtype=np.int64) % 3,
+            "domains": np.zeros(5, np.int64),
+        },
+        source_domains=["printed"],
+        target_domain="street",
+        metrics={"method": "zeroshot", "target_accuracy": 0.5},
+        extra_files={"report.png": b"\x89PNG fake bytes"},
+        version=version,
+    )
+
+
+def test_round_trip(tmp_path):
+    c = _contents()
+    write_artifact(tmp_path / "run", c)
+    a = load_artifact(tmp_path / "run")
+    np.testing.assert_array_equal(a.head.weight, c.head.weight)
+    assert a.head.logit_scale == pytest.approx(50.0)
+    assert a.classes == c.classes
+    assert a.preprocessing == c.preprocessing
+    assert a.backbone == c.backbone
+    assert a.version == 1 and a.manifest["parent_version"] is None
+    np.testing.assert_array_equal(a.tensors("source_features.safetensors")["labels"],
+                                  c.source_features["labels"])
+    assert a.metrics()["target_accuracy"] == 0.5
+    assert set(a.manifest["files"]) == {HEAD_FILE, "source_features.safetensors",
+                                        "metrics.json", "report.png"}
+    # no temporary folders left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_rewrite_replaces_whole_artifact(tmp_path):
+    write_artifact(tmp_path / "run", _contents(0))
+    (tmp_path / "run" / "export").mkdir()
+    (tmp_path / "run" / "export" / "kept.txt").write_text("x")
+    write_artifact(tmp_path / "run", _contents(1, version=2))
+    a = load_artifact(tmp_path / "run")
+    assert a.version == 2
+    np.testing.assert_array_equal(a.head.weight, _contents(1).head.weight)
+    assert (tmp_path / "run" / "export" / "kept.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("victim", [HEAD_FILE, "source_features.safetensors", "metrics.json"])
+def test_corrupted_file_is_refused(tmp_path, victim):
+    write_artifact(tmp_path / "run", _contents())
+    f = tmp_path / "run" / victim
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{victim} fails its sha256 check"):
+        load_artifact(tmp_path / "run")
+
+
+def test_missing_file_and_missing_manifest(tmp_path):
+    write_artifact(tmp_path / "run", _contents())
+    (tmp_path / "run" / HEAD_FILE).unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_artifact(tmp_path / "run")
+    with pytest.raises(ArtifactError, match="not an mp2a artifact"):
+        load_artifact(tmp_path / "nowhere")
+
+
+def test_bad_manifest_json(tmp_path):
+    write_artifact(tmp_path / "run", _contents())
+    (tmp_path / "run" / MANIFEST).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(tmp_path / "run")
+    (tmp_path / "run" / MANIFEST).write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ArtifactError, match="format_version"):
+        load_artifact(tmp_path / "run")
+
+
+def test_refuses_to_overwrite_non_artifact(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not an mp2a artifact"):
+        write_artifact(tmp_path / "run", _contents())
+    assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
+
+
+def test_head_probs_average_of_softmaxes():
+    rng = np.random.default_rng(0)
+    w = l2_normalize(rng.normal(size=(3, 4, 6)).astype(np.float32))
+    f = l2_normalize(rng.normal(size=(5, 6)).astype(np.float32))
+    p = Head(w, 10.0).probs(f)
+    want = np.zeros((5, 4))
+    for s in range(3):
+        logits = 10.0 * f @ w[s].T
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        want += e / e.sum(1, keepdims=True) / 3
+    np.testing.assert_allclose(p, want, rtol=1e-5)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
