@@ -56,25 +56,28 @@ def open_dataset(root: Path | str) -> Dataset:
     domains = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not domains:
         raise DataError(f"{root} has no domain folders; expected {root}/<domain>/<class>/<image>")
-    class_folders = sorted(
-        {c.name for d in domains for c in (root / d).iterdir() if c.is_dir()}
-    )
+    class_folders = sorted({c.name for d in domains for c in (root / d).iterdir() if c.is_dir()})
     if not class_folders:
         raise DataError(f"{root} has no class folders; expected {root}/<domain>/<class>/<image>")
     template = None
     meta = root / "meta.json"
-    if meta.is_file():
+    if meta.is_file():  # a dataset may name its prompt template and its class order
         try:
-            template = json.loads(meta.read_text()).get("prompt_template")
+            info = json.loads(meta.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{meta} is not valid JSON: {e}") from e
+        template = info.get("prompt_template")
+        if sorted(info.get("classes", [])) == class_folders:
+            class_folders = list(info["classes"])
     return Dataset(root, domains, class_folders, template)
 
 
 def check_domains(ds: Dataset, names: list[str]) -> None:
     for n in names:
         if n not in ds.domains:
-            raise DataError(f"unknown domain {n!r} in {ds.root}. Available: {', '.join(ds.domains)}")
+            raise DataError(
+                f"unknown domain {n!r} in {ds.root}. Available: {', '.join(ds.domains)}"
+            )
 
 
 def read_domain(ds: Dataset, name: str) -> DomainData:
@@ -88,5 +91,7 @@ def read_domain(ds: Dataset, name: str) -> DomainData:
             files += imgs
             labels += [idx] * len(imgs)
     if not files:
-        raise DataError(f"domain {name!r} in {ds.root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(
+            f"domain {name!r} in {ds.root} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+        )
     return DomainData(name, files, np.asarray(labels, np.int64))

@@ -1,10 +1,10 @@
 """Model references are resolved here, in one place.
 
-    tiny-digits                  the embedded tiny CLIP shipped in adapt/models/tiny-digits/
-    DIR (or local-dir:DIR)       a saved model folder: open_clip_config.json + weights
-    NAME --pretrained TAG|FILE   any open_clip architecture with a named tag (downloads, so
-                                 online only) or a local checkpoint file
-    NAME --pretrained random     random weights (timing benchmarks only)
+tiny-digits                  the embedded tiny CLIP shipped in adapt/models/tiny-digits/
+DIR (or local-dir:DIR)       a saved model folder: open_clip_config.json + weights
+NAME --pretrained TAG|FILE   any open_clip architecture with a named tag (downloads, so
+                             online only) or a local checkpoint file
+NAME --pretrained random     random weights (timing benchmarks only)
 """
 
 from __future__ import annotations
@@ -126,9 +126,10 @@ def load_model(
     except ModelError:
         raise
     except (RuntimeError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        first = first.split(". Last error")[0][:200]
         raise ModelError(
-            f"cannot load model {name!r} (pretrained={pretrained!r}): {first[:300]}. Offline, "
+            f"cannot load model {name!r} (pretrained={pretrained!r}): {first}. Offline, "
             "pass a local checkpoint with --pretrained FILE or a model folder with --model DIR"
         ) from e
     model = _freeze(model)

@@ -52,7 +52,9 @@ class Encoded:
         return len(self.labels) > 0 and bool((self.labels != UNLABELED).all())
 
 
-def encode_domain(lm: LoadedModel, d: DomainData, cache_dir: Path | None, progress: bool) -> Encoded:
+def encode_domain(
+    lm: LoadedModel, d: DomainData, cache_dir: Path | None, progress: bool
+) -> Encoded:
     feats, valid = cached_features(lm, d.files, cache_dir, progress=progress)
     skipped = int((~valid).sum())
     if skipped:
@@ -73,9 +75,9 @@ def adapt(req: AdaptRequest) -> dict:
         raise DataError(f"unknown method {req.method!r}. Available: {', '.join(METHODS)}")
     ds = open_dataset(req.data)
     check_domains(ds, [req.target])
-    sources = list(req.sources) if req.sources is not None else [
-        d for d in ds.domains if d != req.target
-    ]
+    sources = (
+        list(req.sources) if req.sources is not None else [d for d in ds.domains if d != req.target]
+    )
     check_domains(ds, sources)
     if not sources:
         raise DataError(

@@ -146,11 +146,11 @@ def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 def write_artifact(out: Path, c: ArtifactContents) -> Path:
     """Write an artifact atomically to `out`; an existing artifact there is replaced whole."""
     out = Path(out)
-    if out.exists() and not (out / MANIFEST).is_file():
-        if not out.is_dir() or any(out.iterdir()):
-            raise ArtifactError(
-                f"{out} exists and is not an mp2a artifact; choose another --out or remove it"
-            )
+    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if occupied and not (out / MANIFEST).is_file():
+        raise ArtifactError(
+            f"{out} exists and is not an mp2a artifact; choose another --out or remove it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -21,8 +21,9 @@ log = logging.getLogger("mp2a")
 def _cmd_data_digits(args: argparse.Namespace) -> int:
     from adapt.digits import build_digits
 
-    meta = build_digits(Path(args.out), seed=args.seed, per_class=args.per_class,
-                        progress=not args.quiet)
+    meta = build_digits(
+        Path(args.out), seed=args.seed, per_class=args.per_class, progress=not args.quiet
+    )
     counts = {d: v["count"] for d, v in meta["domains"].items()}
     print(json.dumps({"out": args.out, "counts": counts}))
     return 0
@@ -53,7 +54,9 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     summary = {k: metrics[k] for k in ("method", "target", "target_accuracy", "seconds")}
     print(json.dumps(summary))
     if acc is not None and not args.quiet:
-        print(f"{metrics['method']} on {metrics['target']}: {100 * acc:.1f}% top-1", file=sys.stderr)
+        print(
+            f"{metrics['method']} on {metrics['target']}: {100 * acc:.1f}% top-1", file=sys.stderr
+        )
     return 0
 
 
@@ -84,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--target", required=True, help="target domain (its labels: evaluation only)")
     ad.add_argument("--sources", help="comma-separated source domains (default: all others)")
     ad.add_argument("--method", default="zeroshot", help="zeroshot")
-    ad.add_argument("--model", default="tiny-digits",
-                    help="tiny-digits, an open_clip name, or a model folder")
+    ad.add_argument(
+        "--model", default="tiny-digits", help="tiny-digits, an open_clip name, or a model folder"
+    )
     ad.add_argument("--pretrained", help="open_clip tag, checkpoint file, or 'random'")
     ad.add_argument("--template", help="hand prompt, e.g. 'a photo of a {}.'")
     ad.add_argument("--seed", type=int, default=0)
@@ -103,12 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time (tests swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+_OWN_LOGGERS = ("mp2a", "adapt", "export", "serving")
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Our warnings on stderr; third-party chatter (download retries...) only with -v."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(lambda r: r.name.split(".")[0] in _OWN_LOGGERS)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler], force=True
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(args.verbose)
     try:
         return int(args.func(args))
     except Mp2aError as e:

@@ -54,7 +54,7 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         new_w, new_h = int(s * w / h), s
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _FILTERS[spec.interpolation])
-    left, top = int(round((new_w - s) / 2.0)), int(round((new_h - s) / 2.0))
+    left, top = round((new_w - s) / 2.0), round((new_h - s) / 2.0)
     img = img.crop((left, top, left + s, top + s))
     x = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)

@@ -10,13 +10,28 @@ import pytest
 MICRO_CONFIG = {
     "model_cfg": {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16,
-                       "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1},
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
     },
-    "preprocess_cfg": {"size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                       "interpolation": "bicubic", "resize_mode": "shortest"},
+    "preprocess_cfg": {
+        "size": 16,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
 }
 
 
@@ -40,6 +55,18 @@ def micro_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "open_clip_config.json").write_text(json.dumps(MICRO_CONFIG))
     torch.manual_seed(0)
     m = open_clip.create_model("local-dir:" + str(d), load_weights=False)
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()},
-              str(d / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items()},
+        str(d / "open_clip_model.safetensors"),
+    )
     return d
+
+
+@pytest.fixture(scope="session")
+def digits_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small DigitsDA tree (all four domains)."""
+    from adapt.digits import build_digits
+
+    root = tmp_path_factory.mktemp("digits") / "digits"
+    build_digits(root, seed=0, per_class=4)
+    return root
