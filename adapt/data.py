@@ -80,18 +80,49 @@ def check_domains(ds: Dataset, names: list[str]) -> None:
             )
 
 
-def read_domain(ds: Dataset, name: str) -> DomainData:
+def split_file(ds: Dataset, name: str, split: str) -> Path:
+    """DomainNet-style split list: root/<domain>_<split>.txt with `relative/path label` lines."""
+    return ds.root / f"{name}_{split}.txt"
+
+
+def has_splits(ds: Dataset, name: str) -> bool:
+    return split_file(ds, name, "train").is_file() and split_file(ds, name, "test").is_file()
+
+
+def _read_split(ds: Dataset, name: str, split: str) -> tuple[list[Path], list[int]]:
+    """Files of a split list; the label comes from the class folder in the path."""
+    index = {c: i for i, c in enumerate(ds.class_folders)}
+    files, labels = [], []
+    path = split_file(ds, name, split)
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        rel = Path(line.split()[0])
+        if len(rel.parts) < 3 or rel.parts[-2] not in index:
+            raise DataError(f"{path}:{n}: expected '<domain>/<class>/<file> <label>', got {line!r}")
+        files.append(ds.root / rel)
+        labels.append(index[rel.parts[-2]])
+    return files, labels
+
+
+def read_domain(ds: Dataset, name: str, split: str | None = None) -> DomainData:
+    """All images of a domain, or those of a split list (`split` = train/test) when given."""
     check_domains(ds, [name])
     folder = ds.root / name
-    files: list[Path] = _images_in(folder)
-    labels = [UNLABELED] * len(files)
-    for idx, c in enumerate(ds.class_folders):
-        if (folder / c).is_dir():
-            imgs = _images_in(folder / c)
-            files += imgs
-            labels += [idx] * len(imgs)
+    if split is not None:
+        if not split_file(ds, name, split).is_file():
+            raise DataError(f"no split list {split_file(ds, name, split)}")
+        files, labels = _read_split(ds, name, split)
+    else:
+        files = _images_in(folder)
+        labels = [UNLABELED] * len(files)
+        for idx, c in enumerate(ds.class_folders):
+            if (folder / c).is_dir():
+                imgs = _images_in(folder / c)
+                files += imgs
+                labels += [idx] * len(imgs)
     if not files:
         raise DataError(
-            f"domain {name!r} in {ds.root} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            f"domain {name!r} in {ds.root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return DomainData(name, files, np.asarray(labels, np.int64))

@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from adapt.glyphs import CLASS_NAMES, PRINTED_FONTS, load_font, render_glyph
 from mp2a.errors import DataError
@@ -245,21 +245,27 @@ def _street_clutter(rng: np.random.Generator, img: Image.Image) -> None:
         draw.line([(pts[0], pts[1]), (pts[2], pts[3])], fill=colour, width=width)
 
 
-def _render_street(rng: np.random.Generator, digit: int, size: int) -> Image.Image:
-    """An SVHN-like crop: coloured centre digit, cut-off neighbours, clutter, blur, low res."""
+def _street_mask(rng: np.random.Generator, digit: int, size: int) -> np.ndarray:
+    """Ink mask (H, W, 1) of a house number cropped around `digit`: neighbours cut by the edges."""
     font = STREET_FONTS[rng.integers(len(STREET_FONTS))]
     height = rng.uniform(0.58, 0.8)
     rotation = rng.uniform(-6, 6)
-    dy = rng.uniform(-0.05, 0.05)
-    spacing = height * rng.uniform(0.7, 0.9)  # digit pitch, as a fraction of the canvas
-    shift = rng.uniform(-0.05, 0.05)
-    mask = _mask(render_glyph(str(digit), font, size, height, rotation, (shift, dy)))
+    offset = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05))
+    pitch = height * rng.uniform(0.85, 1.05)  # digit spacing, as a fraction of the canvas
+    # upright glyphs skip render_glyph's costly supersampled rotation; the whole number is
+    # rotated once below, which also keeps the neighbours on the same baseline
+    mask = render_glyph(str(digit), font, size, height, 0.0, offset)
     for side in (-1, 1):
         if rng.random() < 0.8:  # sometimes the centre digit is the first/last of the number
-            other = str(rng.integers(10))
-            off = (shift + side * spacing, dy)
-            mask = np.maximum(mask, _mask(render_glyph(other, font, size, height, rotation, off)))
+            off = (offset[0] + side * pitch, offset[1])
+            other = render_glyph(str(rng.integers(10)), font, size, height, 0.0, off)
+            mask = ImageChops.lighter(mask, other)
+    return _mask(mask.rotate(rotation, resample=Image.Resampling.BICUBIC))
 
+
+def _render_street(rng: np.random.Generator, digit: int, size: int) -> Image.Image:
+    """An SVHN-like crop: coloured centre digit, cut-off neighbours, clutter, blur, low res."""
+    mask = _street_mask(rng, digit, size)
     bg_img = _to_image(_street_background(rng, size))
     _street_clutter(rng, bg_img)
     bg = np.asarray(bg_img, dtype=np.float32)

@@ -1,17 +1,28 @@
-"""`mp2a adapt`: encode the domains once, fit a head with the chosen method, write the artifact."""
+"""`mp2a adapt`: encode the domains once, fit a head with the chosen method, write the artifact.
+
+Methods share one code path: `zeroshot` (hand prompt), `source-only`, `oneshot` and `mp2a`
+(progressive multi-prompt alignment, adapt/progressive.py). Target labels, when the target
+has them, are used only inside `_evaluator` for reporting.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from adapt.data import UNLABELED, DomainData, check_domains, open_dataset, read_domain
+from adapt.data import UNLABELED, Dataset, DomainData, check_domains, has_splits, open_dataset
+from adapt.data import read_domain as _read_domain
 from adapt.features import cached_features
 from adapt.models import DEFAULT_MODEL, LoadedModel, load_model
+from adapt.progressive import Evaluate, FitConfig, fit
+from adapt.prompts import MultiPromptLearner
 from adapt.text import class_text_features
 from mp2a.artifact import ArtifactContents, write_artifact
 from mp2a.errors import DataError
@@ -19,7 +30,7 @@ from mp2a.head import Head
 
 log = logging.getLogger(__name__)
 
-METHODS = ("zeroshot",)
+METHODS = ("zeroshot", "source-only", "oneshot", "mp2a")
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
@@ -28,12 +39,13 @@ class AdaptRequest:
     data: Path
     target: str
     out: Path
-    method: str = "zeroshot"
+    method: str = "mp2a"
     sources: tuple[str, ...] | None = None  # None: every other domain
     model: str = DEFAULT_MODEL
     pretrained: str | None = None
     seed: int = 0
     template: str | None = None  # None: the dataset's meta.json, else DEFAULT_TEMPLATE
+    fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     cache_dir: Path | None = None
     progress: bool = True
 
@@ -68,6 +80,52 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(1) == labels).mean())
 
 
+def _evaluator(target: Encoded) -> Evaluate | None:
+    """Per-stage figures that need target labels: evaluation only, never training."""
+    if not target.labeled:
+        return None
+
+    def evaluate(idx: np.ndarray, pseudo: np.ndarray, probs: np.ndarray) -> dict:
+        precision = float((pseudo == target.labels[idx]).mean()) if len(idx) else None
+        return {"pseudo_label_precision": precision, "accuracy": accuracy(probs, target.labels)}
+
+    return evaluate
+
+
+def _report_png(per_stage: list[dict], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    stages = [r["stage"] for r in per_stage]
+    ax.plot(stages, [r["ratio"] for r in per_stage], "o-", label="coverage (selected / target)")
+    if per_stage and "accuracy" in per_stage[0]:
+        prec = [r["pseudo_label_precision"] for r in per_stage]
+        ax.plot(
+            stages, [np.nan if p is None else p for p in prec], "s-", label="pseudo-label precision"
+        )
+        ax.plot(
+            stages, [r["accuracy"] for r in per_stage], "^-", label="target accuracy after stage"
+        )
+    ax.set_xlabel("stage")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(stages)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _read(ds: Dataset, name: str, split: str) -> DomainData:
+    return _read_domain(ds, name, split if has_splits(ds, name) else None)
+
+
 def adapt(req: AdaptRequest) -> dict:
     """Run one adaptation and write the artifact to `req.out`; returns metrics.json's dict."""
     t0 = time.time()
@@ -79,41 +137,77 @@ def adapt(req: AdaptRequest) -> dict:
         list(req.sources) if req.sources is not None else [d for d in ds.domains if d != req.target]
     )
     check_domains(ds, sources)
+    if req.target in sources:
+        raise DataError(f"target {req.target!r} cannot also be a source; drop it from --sources")
     if not sources:
         raise DataError(
             f"no source domain: {ds.root} has only {req.target!r}; add labeled source domains "
             "(every artifact keeps source features for online re-adaptation)"
         )
-    if req.target in sources:
-        raise DataError(f"target {req.target!r} cannot also be a source; drop it from --sources")
     template = req.template or ds.prompt_template or DEFAULT_TEMPLATE
 
     lm = load_model(req.model, req.pretrained)
-    target = encode_domain(lm, read_domain(ds, req.target), req.cache_dir, req.progress)
-    srcs = [encode_domain(lm, read_domain(ds, s), req.cache_dir, req.progress) for s in sources]
+    enc = lambda d: encode_domain(lm, d, req.cache_dir, req.progress)  # noqa: E731
+    target = enc(_read(ds, req.target, "train"))
+    # DomainNet-style lists: adapt on the target's train split, report on its test split.
+    test = enc(_read_domain(ds, req.target, "test")) if has_splits(ds, req.target) else target
+    srcs = [enc(_read(ds, s, "train")) for s in sources]
     for s in srcs:
         if not s.labeled:
             raise DataError(f"source domain {s.name!r} has unlabeled images; sources need labels")
 
-    text = class_text_features(lm, ds.classes, template).numpy()  # (C, D)
-    head = Head(weight=text[None], logit_scale=float(lm.model.logit_scale.exp()))
+    scale = float(lm.model.logit_scale.exp())
+    zs = Head(weight=class_text_features(lm, ds.classes, template).numpy()[None], logit_scale=scale)
     per_stage: list[dict] = []
+    prompts = prompt_config = None
+    head = zs
+    if req.method != "zeroshot":
+        torch.manual_seed(req.seed)
+        learner = MultiPromptLearner(lm, ds.classes, len(srcs), template, seed=req.seed)
+        cfg = dataclasses.replace(req.fit, seed=req.seed)
+        result = fit(
+            learner,
+            [(s.features, s.labels) for s in srcs],
+            target.features,
+            init_probs=zs.probs(target.features),
+            logit_scale=scale,
+            cfg=cfg,
+            mode=req.method,
+            evaluate=_evaluator(target),
+            progress=req.progress,
+        )
+        head = Head(weight=result.head_weight, logit_scale=scale)
+        per_stage = result.per_stage
+        prompts = {k: v.numpy().astype(np.float32) for k, v in learner.state().items()}
+        prompt_config = {
+            "template": template,
+            "n_class_ctx": learner.n_class_ctx,
+            "n_domain_ctx": learner.n_domain_ctx,
+            "fit": dataclasses.asdict(cfg),
+        }
 
-    target_acc = accuracy(head.probs(target.features), target.labels) if target.labeled else None
+    target_acc = accuracy(head.probs(test.features), test.labels) if test.labeled else None
     metrics = {
         "method": req.method,
         "target": req.target,
         "sources": sources,
         "target_accuracy": target_acc,
+        "zeroshot_accuracy": accuracy(zs.probs(test.features), test.labels)
+        if test.labeled
+        else None,
         "source_accuracy": {s.name: accuracy(head.probs(s.features), s.labels) for s in srcs},
         "per_stage": per_stage,
         "n_target": len(target.labels),
+        "n_test": len(test.labels),
         "skipped_images": target.skipped + sum(s.skipped for s in srcs),
         "model": lm.backbone.model,
         "template": template,
         "seed": req.seed,
         "seconds": round(time.time() - t0, 2),
     }
+    extra = {}
+    if per_stage:
+        extra["report.png"] = _report_png(per_stage, f"{req.method} → {req.target}")
     dim = lm.backbone.embed_dim
     write_artifact(
         req.out,
@@ -133,6 +227,9 @@ def adapt(req: AdaptRequest) -> dict:
             source_domains=sources,
             target_domain=req.target,
             metrics=metrics,
+            prompts=prompts,
+            prompt_config=prompt_config,
+            extra_files=extra,
         ),
     )
     return metrics

@@ -114,6 +114,7 @@ class ArtifactContents:
     metrics: dict
     prompts: dict[str, np.ndarray] | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. report.png
+    prompt_config: dict | None = None  # what rebuilds the prompt learner from prompts
     version: int = 1
     parent_version: int | None = None
 
@@ -179,6 +180,7 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
             "preprocessing": c.preprocessing.to_dict(),
             "source_domains": list(c.source_domains),
             "target_domain": c.target_domain,
+            "prompt": c.prompt_config,
             "files": files,
         }
         _write_json(tmp / MANIFEST, manifest)

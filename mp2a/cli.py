@@ -31,6 +31,7 @@ def _cmd_data_digits(args: argparse.Namespace) -> int:
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
     from adapt.features import default_cache_dir
+    from adapt.progressive import FitConfig
     from adapt.run import AdaptRequest, adapt
 
     sources = tuple(s for s in args.sources.split(",") if s) if args.sources else None
@@ -46,6 +47,13 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             pretrained=args.pretrained,
             seed=args.seed,
             template=args.template,
+            fit=FitConfig(
+                stages=args.stages,
+                r0=args.r0,
+                schedule=args.schedule,
+                steps_per_stage=args.steps_per_stage,
+                agreement_weight=args.agreement,
+            ),
             cache_dir=cache,
             progress=not args.quiet,
         )
@@ -86,13 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--data", required=True, help="ImageFolder root: DIR/<domain>/<class>/*")
     ad.add_argument("--target", required=True, help="target domain (its labels: evaluation only)")
     ad.add_argument("--sources", help="comma-separated source domains (default: all others)")
-    ad.add_argument("--method", default="zeroshot", help="zeroshot")
+    ad.add_argument("--method", default="mp2a", help="zeroshot, source-only, oneshot or mp2a")
     ad.add_argument(
         "--model", default="tiny-digits", help="tiny-digits, an open_clip name, or a model folder"
     )
     ad.add_argument("--pretrained", help="open_clip tag, checkpoint file, or 'random'")
     ad.add_argument("--template", help="hand prompt, e.g. 'a photo of a {}.'")
     ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument("--stages", type=int, default=5, help="progressive stages T")
+    ad.add_argument("--r0", type=float, default=0.2, help="first stage's selected fraction")
+    ad.add_argument("--schedule", default="linear", help="r_t growth: linear, cosine or exp")
+    ad.add_argument("--steps-per-stage", type=int, default=100)
+    ad.add_argument("--agreement", type=float, default=1.0, help="L1 agreement loss weight")
     ad.add_argument("--out", required=True, help="artifact folder to write")
     ad.add_argument("--cache-dir", help="feature cache (default: $MP2A_CACHE_DIR or ~/.cache)")
     ad.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
@@ -111,7 +124,7 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at emit time (tests swap it)."""
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: D102
+    def stream(self):
         return sys.stderr
 
     @stream.setter

@@ -48,11 +48,16 @@ def test_round_trip(tmp_path):
     assert a.preprocessing == c.preprocessing
     assert a.backbone == c.backbone
     assert a.version == 1 and a.manifest["parent_version"] is None
-    np.testing.assert_array_equal(a.tensors("source_features.safetensors")["labels"],
-                                  c.source_features["labels"])
+    np.testing.assert_array_equal(
+        a.tensors("source_features.safetensors")["labels"], c.source_features["labels"]
+    )
     assert a.metrics()["target_accuracy"] == 0.5
-    assert set(a.manifest["files"]) == {HEAD_FILE, "source_features.safetensors",
-                                        "metrics.json", "report.png"}
+    assert set(a.manifest["files"]) == {
+        HEAD_FILE,
+        "source_features.safetensors",
+        "metrics.json",
+        "report.png",
+    }
     # no temporary folders left behind
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
