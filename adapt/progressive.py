@@ -165,7 +165,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         with torch.no_grad():
             which = SOURCE if mode == "source-only" else TARGET
             probs = ensemble_probs(learner.text_features(), xt, logit_scale, which).numpy()

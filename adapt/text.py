@@ -36,8 +36,12 @@ class PromptTextEncoder(nn.Module):
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
 
     def forward(self, x: torch.Tensor, pool_at: torch.Tensor) -> torch.Tensor:
-        x = x + self.positional_embedding  # (N, L, W)
-        x = self.transformer(x, attn_mask=self.attn_mask)
+        # The text tower is causal, so positions after the last pooled token cannot change the
+        # result: cut the sequences there (13 of 77 tokens for a typical prompt).
+        n = int(pool_at.max()) + 1
+        x = x[:, :n] + self.positional_embedding[:n]  # (N, n, W)
+        mask = None if self.attn_mask is None else self.attn_mask[:n, :n]
+        x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0]), pool_at]  # (N, W)
         if isinstance(self.text_projection, nn.Linear):
