@@ -97,6 +97,38 @@ def ensemble_probs(tf: torch.Tensor, x: torch.Tensor, scale: float, which: int) 
     return logits.softmax(-1).mean(0)
 
 
+def train_step(
+    learner: MultiPromptLearner,
+    opt: torch.optim.Optimizer,
+    sources: list[tuple[torch.Tensor, torch.Tensor]],
+    target: tuple[torch.Tensor, torch.Tensor] | None,
+    logit_scale: float,
+    agreement_weight: float,
+) -> float:
+    """One optimisation step on image features: sources [(x (B, D), y (B,))], target pseudo."""
+    c = learner.num_classes
+    tf = learner.text_features()  # (S, 2, C, D)
+    loss = torch.zeros(())
+    for s, (x, y) in enumerate(sources):
+        allp = tf[s].reshape(2 * c, -1)  # (2C, D): source prompts, then target prompts
+        loss = loss + F.cross_entropy(logit_scale * x @ allp.T, y)
+        if target is not None:  # target pseudo-labels point at the target prompts
+            loss = loss + F.cross_entropy(logit_scale * target[0] @ allp.T, c + target[1])
+    if target is not None and agreement_weight > 0 and len(sources) > 1:
+        p = (logit_scale * torch.einsum("bd,scd->sbc", target[0], tf[:, TARGET])).softmax(-1)
+        pairs = [(i, j) for i in range(len(p)) for j in range(i + 1, len(p))]
+        agree = sum((p[i] - p[j]).abs().sum(-1).mean() for i, j in pairs) / len(pairs)
+        loss = loss + agreement_weight * agree
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def make_optimizer(learner: MultiPromptLearner, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([learner.domain_ctx, learner.class_ctx], lr=lr, weight_decay=0)
+
+
 def fit(
     learner: MultiPromptLearner,
     sources: list[tuple[np.ndarray, np.ndarray]],
@@ -123,8 +155,7 @@ def fit(
     xs = [torch.from_numpy(f).float() for f, _ in sources]
     ys = [torch.from_numpy(y).long() for _, y in sources]
     xt = torch.from_numpy(target).float()
-    c = learner.num_classes
-    opt = torch.optim.AdamW([learner.domain_ctx, learner.class_ctx], lr=cfg.lr, weight_decay=0)
+    opt = make_optimizer(learner, cfg.lr)
 
     if mode == "mp2a":
         plan = [(t, cfg.steps_per_stage) for t in range(1, cfg.stages + 1)]
@@ -145,27 +176,13 @@ def fit(
         losses = []
         bar = tqdm(range(steps), disable=not progress, leave=False, desc=f"stage {stage}")
         for _ in bar:
-            tf = learner.text_features()  # (S, 2, C, D)
-            loss = torch.zeros(())
-            tb = rng.integers(len(idx), size=cfg.batch_size) if len(idx) else None
+            batches = []
             for s in range(learner.num_sources):
-                allp = tf[s].reshape(2 * c, -1)  # (2C, D): source prompts, then target prompts
                 b = rng.integers(len(ys[s]), size=cfg.batch_size)
-                loss = loss + F.cross_entropy(logit_scale * xs[s][b] @ allp.T, ys[s][b])
-                if tb is not None:
-                    logits = logit_scale * sel_x[tb] @ allp.T
-                    loss = loss + F.cross_entropy(logits, c + sel_y[tb])
-            if tb is not None and cfg.agreement_weight > 0 and learner.num_sources > 1:
-                p = (logit_scale * torch.einsum("bd,scd->sbc", sel_x[tb], tf[:, TARGET])).softmax(
-                    -1
-                )
-                pairs = [(i, j) for i in range(len(p)) for j in range(i + 1, len(p))]
-                agree = sum((p[i] - p[j]).abs().sum(-1).mean() for i, j in pairs) / len(pairs)
-                loss = loss + cfg.agreement_weight * agree
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+                batches.append((xs[s][b], ys[s][b]))
+            tb = rng.integers(len(idx), size=cfg.batch_size) if len(idx) else None
+            tgt = (sel_x[tb], sel_y[tb]) if tb is not None else None
+            losses.append(train_step(learner, opt, batches, tgt, logit_scale, cfg.agreement_weight))
         with torch.no_grad():
             which = SOURCE if mode == "source-only" else TARGET
             probs = ensemble_probs(learner.text_features(), xt, logit_scale, which).numpy()

@@ -76,6 +76,17 @@ def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "adapt":
+        from adapt.bench import run
+
+        result = run(quick=args.quick)
+    else:
+        raise Mp2aError(f"bench {args.what!r} is not available yet; available: adapt")
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mp2a", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -111,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     ad.add_argument("--quiet", action="store_true", help="no progress bars")
     ad.set_defaults(func=_cmd_adapt)
+
+    bn = sub.add_parser("bench", help="benchmarks; figures as one JSON object on stdout")
+    bn.add_argument("what", choices=["adapt", "export", "serving", "online"])
+    bn.add_argument("--json", action="store_true", help="compact JSON (one line)")
+    bn.add_argument("--quick", action="store_true", help="small models only")
+    bn.set_defaults(func=_cmd_bench)
 
     pt = sub.add_parser("pretrain-tiny", help="re-train the embedded tiny CLIP from scratch")
     pt.add_argument("--out", required=True, help="model folder to write")
