@@ -136,3 +136,15 @@ def load_model(
     embed_dim = int(model.text_projection.shape[1])
     backbone = Backbone(backbone.model, backbone.pretrained, backbone.weights_sha256, embed_dim)
     return LoadedModel(model, tokenizer, backbone, _preprocess_spec(model))
+
+
+def load_backbone(backbone: Backbone, device: str = "cpu") -> LoadedModel:
+    """Rebuild the frozen model an artifact was made with, refusing different weights."""
+    lm = load_model(backbone.model, backbone.pretrained, device)
+    if lm.backbone.weights_sha256 != backbone.weights_sha256:
+        raise ModelError(
+            f"the weights of {backbone.model!r} here (sha256 {lm.backbone.weights_sha256[:12]}…) "
+            f"differ from the artifact's ({backbone.weights_sha256[:12]}…); restore the original "
+            "checkpoint or re-run `mp2a adapt`"
+        )
+    return lm

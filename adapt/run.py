@@ -190,6 +190,7 @@ def adapt(req: AdaptRequest) -> dict:
     metrics = {
         "method": req.method,
         "target": req.target,
+        "data": str(Path(req.data).resolve()),
         "sources": sources,
         "target_accuracy": target_acc,
         "zeroshot_accuracy": accuracy(zs.probs(test.features), test.labels)

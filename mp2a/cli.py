@@ -76,6 +76,16 @@ def _cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.run import export
+
+    report = export(
+        Path(args.run), args.format, data=Path(args.data) if args.data else None, n=args.n
+    )
+    print(json.dumps(report))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "adapt":
         from adapt.bench import run
@@ -122,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     ad.add_argument("--quiet", action="store_true", help="no progress bars")
     ad.set_defaults(func=_cmd_adapt)
+
+    ex = sub.add_parser("export", help="export the image encoder, with a parity report")
+    ex.add_argument("run", help="artifact folder (from mp2a adapt)")
+    ex.add_argument("--format", required=True, help="onnx, onnx-int8 or tensorrt")
+    ex.add_argument("--data", help="dataset holding the target images (default: from metrics)")
+    ex.add_argument("--n", type=int, default=512, help="parity images")
+    ex.set_defaults(func=_cmd_export)
 
     bn = sub.add_parser("bench", help="benchmarks; figures as one JSON object on stdout")
     bn.add_argument("what", choices=["adapt", "export", "serving", "online"])

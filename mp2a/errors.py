@@ -15,3 +15,7 @@ class ModelError(Mp2aError):
 
 class ArtifactError(Mp2aError):
     """A missing, incomplete or damaged model artifact."""
+
+
+class ExportError(Mp2aError):
+    """An export that cannot run here or does not meet its parity threshold."""
