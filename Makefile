@@ -9,7 +9,7 @@ DATA := data/digits
 TARGET ?= street
 RUNS := runs
 
-.PHONY: venv test lint serve zeroshot-table clean
+.PHONY: venv test lint serve zeroshot-table results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,3 +44,7 @@ zeroshot-table: venv $(DATA)/meta.json
 
 clean:
 	rm -rf $(RUNS) $(DATA)
+
+# Leave-one-domain-out on DigitsDA: 4 methods x 4 targets x 3 seeds -> docs/RESULTS.md
+results: venv $(DATA)/meta.json
+	$(PY) -m adapt.results --data $(DATA) --runs $(RUNS)/results --docs docs
