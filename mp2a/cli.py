@@ -86,13 +86,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.launch import serve
+
+    return serve(Path(args.run), port=args.port, host=args.host, backend=args.backend)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "adapt":
         from adapt.bench import run
 
         result = run(quick=args.quick)
+    elif args.what == "export":
+        from export.bench import run as run_export
+
+        result = run_export(quick=args.quick)
+    elif args.what == "serving":
+        from serving.bench import run as run_serving
+
+        result = run_serving(quick=args.quick)
     else:
-        raise Mp2aError(f"bench {args.what!r} is not available yet; available: adapt")
+        raise Mp2aError(
+            f"bench {args.what!r} is not available yet; available: adapt, export, serving"
+        )
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -139,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", help="dataset holding the target images (default: from metrics)")
     ex.add_argument("--n", type=int, default=512, help="parity images")
     ex.set_defaults(func=_cmd_export)
+
+    sv = sub.add_parser("serve", help="serve an artifact over HTTP (BentoML)")
+    sv.add_argument("run", help="artifact folder (from mp2a adapt)")
+    sv.add_argument("--port", type=int, default=3000)
+    sv.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    sv.add_argument("--backend", default="ort", help="ort (exported encoder) or torch")
+    sv.set_defaults(func=_cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks; figures as one JSON object on stdout")
     bn.add_argument("what", choices=["adapt", "export", "serving", "online"])
