@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 MP2A := $(VENV)/bin/mp2a
 STAMP := $(VENV)/.installed
 DATA := data/digits
-TARGET ?= street
+TARGET ?= handwritten
+PORT ?= 3000
+DEFAULT_RUN := $(RUNS)/default
 RUNS := runs
 
 .PHONY: venv test lint serve zeroshot-table results clean
@@ -30,10 +32,15 @@ test: lint
 $(DATA)/meta.json: | venv
 	$(MP2A) data digits --out $(DATA)
 
-# Until the serving issue lands, the main job is the zero-shot demo on every DigitsDA domain.
-serve: venv $(DATA)/meta.json
-	@echo "mp2a: serving is not built yet; running the zero-shot demo on DigitsDA instead."
-	$(MAKE) --no-print-directory zeroshot-table
+# The embedded default: DigitsDA -> MP2A adaptation to $(TARGET) -> ONNX export -> serve.
+$(DEFAULT_RUN)/export/image_encoder.onnx: | venv $(DATA)/meta.json
+	$(MP2A) adapt --data $(DATA) --target $(TARGET) --method mp2a --out $(DEFAULT_RUN) --quiet
+	$(MP2A) export $(DEFAULT_RUN) --format onnx
+
+serve: venv $(DEFAULT_RUN)/export/image_encoder.onnx
+	@echo "mp2a: serving $(DEFAULT_RUN) on port $(PORT). Try:"
+	@echo "  curl -F image=@$$(ls $(DATA)/$(TARGET)/seven/*.png | head -1) http://127.0.0.1:$(PORT)/predict"
+	$(MP2A) serve $(DEFAULT_RUN) --port $(PORT)
 
 zeroshot-table: venv $(DATA)/meta.json
 	@for d in printed handwritten textured street; do \
