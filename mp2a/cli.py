@@ -89,7 +89,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.launch import serve
 
-    return serve(Path(args.run), port=args.port, host=args.host, backend=args.backend)
+    return serve(
+        Path(args.run),
+        port=args.port,
+        host=args.host,
+        backend=args.backend,
+        precision=args.precision,
+    )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -161,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=3000)
     sv.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     sv.add_argument("--backend", default="ort", help="ort (exported encoder) or torch")
+    sv.add_argument("--precision", default="fp32", help="ort encoder: fp32 or int8")
     sv.set_defaults(func=_cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks; figures as one JSON object on stdout")
