@@ -14,10 +14,11 @@ Target labels never enter this module: evaluation happens in a callback owned by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,16 @@ class FitConfig:
     oneshot_threshold: float = 0.5
     seed: int = 0
     threads: int | None = None  # None: 1 for small prompt batches, else torch's default
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def training_threads(learner: MultiPromptLearner, cfg: FitConfig) -> int:
@@ -160,75 +171,57 @@ def fit(
         raise ValueError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
     if len(sources) != learner.num_sources:
         raise ValueError(f"{len(sources)} source sets for a learner of {learner.num_sources}")
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(training_threads(learner, cfg))
-    try:
-        return _fit(
-            learner, sources, target, init_probs, logit_scale, cfg, mode, evaluate, progress
-        )
-    finally:
-        torch.set_num_threads(threads_before)
+    with torch_threads(training_threads(learner, cfg)):
+        torch.manual_seed(cfg.seed)
+        rng = np.random.default_rng(cfg.seed)
+        xs = [torch.from_numpy(f).float() for f, _ in sources]
+        ys = [torch.from_numpy(y).long() for _, y in sources]
+        xt = torch.from_numpy(target).float()
+        opt = make_optimizer(learner, cfg.lr)
 
-
-def _fit(
-    learner: MultiPromptLearner,
-    sources: list[tuple[np.ndarray, np.ndarray]],
-    target: np.ndarray,
-    init_probs: np.ndarray,
-    logit_scale: float,
-    cfg: FitConfig,
-    mode: str,
-    evaluate: Evaluate | None,
-    progress: bool,
-) -> FitResult:
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    xs = [torch.from_numpy(f).float() for f, _ in sources]
-    ys = [torch.from_numpy(y).long() for _, y in sources]
-    xt = torch.from_numpy(target).float()
-    opt = make_optimizer(learner, cfg.lr)
-
-    if mode == "mp2a":
-        plan = [(t, cfg.steps_per_stage) for t in range(1, cfg.stages + 1)]
-    else:  # the baselines get the same number of steps in one go
-        plan = [(1, cfg.steps_per_stage * cfg.stages)]
-    probs = init_probs
-    per_stage = []
-    for stage, steps in plan:
-        t0 = time.time()
         if mode == "mp2a":
-            ratio = ratio_at(stage, cfg.stages, cfg.r0, cfg.schedule)
-            idx, pseudo = select_class_balanced(probs, ratio)
-        elif mode == "oneshot":
-            idx, pseudo = select_threshold(probs, cfg.oneshot_threshold)
-        else:
-            idx, pseudo = np.zeros(0, np.int64), np.zeros(0, np.int64)
-        sel_x, sel_y = xt[idx], torch.from_numpy(pseudo).long()
-        losses = []
-        bar = tqdm(range(steps), disable=not progress, leave=False, desc=f"stage {stage}")
-        for _ in bar:
-            batches = []
-            for s in range(learner.num_sources):
-                b = rng.integers(len(ys[s]), size=cfg.batch_size)
-                batches.append((xs[s][b], ys[s][b]))
-            tb = rng.integers(len(idx), size=cfg.batch_size) if len(idx) else None
-            tgt = (sel_x[tb], sel_y[tb]) if tb is not None else None
-            losses.append(train_step(learner, opt, batches, tgt, logit_scale, cfg.agreement_weight))
+            plan = [(t, cfg.steps_per_stage) for t in range(1, cfg.stages + 1)]
+        else:  # the baselines get the same number of steps in one go
+            plan = [(1, cfg.steps_per_stage * cfg.stages)]
+        probs = init_probs
+        per_stage = []
+        for stage, steps in plan:
+            t0 = time.time()
+            if mode == "mp2a":
+                ratio = ratio_at(stage, cfg.stages, cfg.r0, cfg.schedule)
+                idx, pseudo = select_class_balanced(probs, ratio)
+            elif mode == "oneshot":
+                idx, pseudo = select_threshold(probs, cfg.oneshot_threshold)
+            else:
+                idx, pseudo = np.zeros(0, np.int64), np.zeros(0, np.int64)
+            sel_x, sel_y = xt[idx], torch.from_numpy(pseudo).long()
+            losses = []
+            bar = tqdm(range(steps), disable=not progress, leave=False, desc=f"stage {stage}")
+            for _ in bar:
+                batches = []
+                for s in range(learner.num_sources):
+                    b = rng.integers(len(ys[s]), size=cfg.batch_size)
+                    batches.append((xs[s][b], ys[s][b]))
+                tb = rng.integers(len(idx), size=cfg.batch_size) if len(idx) else None
+                tgt = (sel_x[tb], sel_y[tb]) if tb is not None else None
+                losses.append(
+                    train_step(learner, opt, batches, tgt, logit_scale, cfg.agreement_weight)
+                )
+            with torch.no_grad():
+                which = SOURCE if mode == "source-only" else TARGET
+                probs = ensemble_probs(learner.text_features(), xt, logit_scale, which).numpy()
+            row = {
+                "stage": stage,
+                "selected": len(idx),
+                "ratio": round(len(idx) / max(1, len(xt)), 4),
+                "loss": round(float(np.mean(losses)), 4),
+                "seconds": round(time.time() - t0, 2),
+            }
+            if evaluate is not None:
+                row.update(evaluate(idx, pseudo, probs))
+            log.info("stage %s", row)
+            per_stage.append(row)
         with torch.no_grad():
-            which = SOURCE if mode == "source-only" else TARGET
-            probs = ensemble_probs(learner.text_features(), xt, logit_scale, which).numpy()
-        row = {
-            "stage": stage,
-            "selected": len(idx),
-            "ratio": round(len(idx) / max(1, len(xt)), 4),
-            "loss": round(float(np.mean(losses)), 4),
-            "seconds": round(time.time() - t0, 2),
-        }
-        if evaluate is not None:
-            row.update(evaluate(idx, pseudo, probs))
-        log.info("stage %s", row)
-        per_stage.append(row)
-    with torch.no_grad():
-        tf = learner.text_features()
-    which = SOURCE if mode == "source-only" else TARGET
-    return FitResult(head_weight=tf[:, which].numpy().astype(np.float32), per_stage=per_stage)
+            tf = learner.text_features()
+        which = SOURCE if mode == "source-only" else TARGET
+        return FitResult(head_weight=tf[:, which].numpy().astype(np.float32), per_stage=per_stage)
