@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 DATA := data/digits
 TARGET ?= handwritten
 PORT ?= 3000
-DEFAULT_RUN := $(RUNS)/default
 RUNS := runs
+DEFAULT_RUN := $(RUNS)/default
 
 .PHONY: venv test lint serve zeroshot-table results clean
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from adapt.models import LoadedModel
-from mp2a.preprocess import PreprocessSpec, preprocess_image
+from mp2a.preprocess import PreprocessSpec, load_image, preprocess_image
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +42,7 @@ def cache_key(lm: LoadedModel, files: Sequence[Path]) -> str:
 
 def _load_one(path: Path, spec: PreprocessSpec) -> np.ndarray | None:
     try:
-        with Image.open(path) as im:
-            im.seek(0)
-            return preprocess_image(im, spec)
+        return preprocess_image(load_image(path), spec)
     except Exception as e:  # any undecodable file is skipped, and reported
         log.warning("skipping %s: cannot decode image (%s)", path, e)
         return None

@@ -9,6 +9,7 @@ NAME --pretrained random     random weights (timing benchmarks only)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ def _preprocess_spec(model: torch.nn.Module) -> PreprocessSpec:
     return spec
 
 
+def _state_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
@@ -116,7 +125,12 @@ def load_model(
                 ref, pretrained=None if pretrained == "random" else pretrained, device=device
             )
             tokenizer = open_clip.get_tokenizer(ref)
-            digest = sha256_file(Path(pretrained)) if is_file else f"tag:{pretrained}"
+            if is_file:
+                digest = sha256_file(Path(pretrained))
+            elif pretrained == "random":  # every random init differs: hash the weights
+                digest = _state_sha256(model)
+            else:
+                digest = f"tag:{pretrained}"
             backbone = Backbone(ref, pretrained, digest, 0)
         else:
             raise ModelError(

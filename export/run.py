@@ -23,7 +23,7 @@ from export.onnx_export import cached_encoder, copy_atomic, fuse_head
 from export.quantize import quantize_int8
 from mp2a.artifact import Artifact, load_artifact
 from mp2a.errors import DataError, ExportError
-from mp2a.preprocess import preprocess_batch
+from mp2a.preprocess import load_image, preprocess_batch
 from mp2a.runtime import OrtEncoder
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ THRESHOLDS = {
 
 def parity_images(art: Artifact, data: Path | None, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Up to n target images spread over the domain, preprocessed: (N, 3, S, S), labels."""
-    from PIL import Image
-
     target = art.manifest.get("target_domain")
     recorded = art.metrics().get("data")
     if data is None and not recorded:
@@ -60,8 +58,7 @@ def parity_images(art: Artifact, data: Path | None, n: int) -> tuple[np.ndarray,
     images, labels = [], []
     for i in np.unique(pick):
         try:
-            with Image.open(d.files[i]) as im:
-                images.append(im.convert("RGB"))
+            images.append(load_image(d.files[i]))
             labels.append(d.labels[i])
         except OSError:
             continue

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,9 +42,48 @@ class PreprocessSpec:
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """High-bit-depth single-channel modes -> 'L', scaled rather than clipped."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit PNGs decode to these modes (0..65535): scale to 8 bits, where PIL's convert
+        # would clip everything above 255 to white
+        a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return Image.fromarray((a * 255 + 0.5).astype(np.uint8), "L")
+    return im
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB; transparency is composited over white.
+
+    Dropping alpha (PIL's plain convert) would show whatever colour the transparent pixels
+    happen to hold, often black: a black glyph on a transparent background would vanish.
+    """
+    im = _eight_bit(im)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+
+
+def load_image(path: str | object) -> Image.Image:
+    """Open an image file the way the server decodes uploads: first frame, EXIF, RGB."""
+    with Image.open(path) as im:  # type: ignore[arg-type]
+        im.seek(0)
+        im.load()
+        return to_rgb(ImageOps.exif_transpose(im) or im)
+
+
 def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """One PIL image -> float32 array (3, S, S), normalised."""
-    img = img.convert("RGB")
+    img = img if img.mode == "RGB" else to_rgb(img)
     s = spec.image_size
     w, h = img.size
     # Same integer arithmetic as torchvision's Resize(int) and CenterCrop, for exact parity.

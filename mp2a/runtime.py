@@ -30,8 +30,14 @@ class OrtEncoder:
     """pixel_values (B, 3, S, S) float32 -> normalised embeddings (B, D) float32."""
 
     def __init__(
-        self, path: Path | str, providers: list[str] | None = None, threads: int | None = None
+        self,
+        path: Path | str,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        spin: bool = True,
     ) -> None:
+        """spin=False: idle intra-op threads sleep instead of busy-waiting. Spinning suits
+        back-to-back batch work; in a server it takes the cores that HTTP and decoding need."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -39,6 +45,9 @@ class OrtEncoder:
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.threads = opts.intra_op_num_threads
         self.session = ort.InferenceSession(
             str(path), sess_options=opts, providers=providers or pick_providers()
         )

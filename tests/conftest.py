@@ -70,3 +70,17 @@ def digits_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("digits") / "digits"
     build_digits(root, seed=0, per_class=4)
     return root
+
+
+@pytest.fixture(scope="session")
+def street_run(tmp_path_factory: pytest.TempPathFactory, digits_small: Path) -> Path:
+    """A zero-shot tiny-CLIP artifact on DigitsDA street with its ONNX export (built once)."""
+    from export.run import export
+    from mp2a.cli import main
+
+    base = tmp_path_factory.getbasetemp()
+    out = base / "street-run"
+    args = ["adapt", "--data", str(digits_small), "--target", "street", "--method", "zeroshot"]
+    assert main([*args, "--out", str(out), "--no-cache", "--quiet"]) == 0
+    export(out, "onnx", cache_dir=base / "street-onnx-cache")
+    return out

@@ -1,6 +1,7 @@
 """`mp2a export` on a real artifact: ONNX Runtime against PyTorch on real target images."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,25 +14,10 @@ from mp2a.runtime import OrtEncoder, has_nvidia_gpu
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, digits_small):
-    """A zero-shot artifact of the real tiny CLIP on DigitsDA street."""
+def run_dir(tmp_path_factory, street_run):
+    """A copy of the shared zero-shot street artifact, before any export."""
     out = tmp_path_factory.mktemp("export") / "run"
-    code = main(
-        [
-            "adapt",
-            "--data",
-            str(digits_small),
-            "--target",
-            "street",
-            "--method",
-            "zeroshot",
-            "--out",
-            str(out),
-            "--no-cache",
-            "--quiet",
-        ]
-    )
-    assert code == 0
+    shutil.copytree(street_run, out, ignore=shutil.ignore_patterns("export"))
     return out
 
 
@@ -88,8 +74,6 @@ def test_int8_parity(run_dir, onnx_cache):
 
 
 def test_damaged_artifact_is_refused(run_dir, tmp_path, capsys):
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(run_dir, bad)
     (bad / "head.safetensors").write_bytes(b"\x00" * 64)

@@ -15,7 +15,9 @@ def test_prompt_text_encoder_reproduces_encode_text(which, micro_model_dir):
         got = enc(emb, text_pool_positions(lm, tokens))
         want = lm.model.encode_text(tokens)
     assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # the encoder stops at the last pooled token (the tower is causal): same maths, float32
+    # sums of other lengths, so equal up to rounding (features are of order 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_prompt_text_encoder_is_sensitive_to_context(micro_model_dir):

@@ -1,0 +1,158 @@
+"""An ASGI middleware that checks uploads before BentoML parses them.
+
+BentoML's multipart handling has no body limit, answers 500 to a few malformed forms (a file
+field sent as text makes it try to download that text as a URL; an over-long file name
+fails its temp-file creation), and treats any non-multipart body as JSON. This guard buffers
+the body of the prediction routes up to a limit (413 beyond it), requires
+multipart/form-data (415), parses the form once to check that the expected field holds file
+uploads (400/413 otherwise), then replays the body to BentoML unchanged. Every refusal is
+JSON {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+MAX_FILENAME = 200  # bytes; BentoML turns the upload's file name into a temp-file suffix
+DRAIN_FACTOR = 4  # read (and drop) an oversize body up to this many limits before answering
+
+
+@dataclass(frozen=True)
+class UploadRule:
+    """What one prediction route accepts."""
+
+    field: str  # the multipart field holding the image(s)
+    max_files: int  # 1 for /predict
+    max_bytes: int  # whole request body
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class UploadGuard:
+    """ASGI middleware; `rules` maps a POST path to what it accepts."""
+
+    def __init__(self, app: ASGIApp, rules: dict[str, UploadRule]) -> None:
+        self.app = app
+        self.rules = rules
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rule = self.rules.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if rule is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        body, refusal = await self._read(rule, headers, receive)
+        if refusal is None:
+            refusal = await self._check_form(rule, headers, body)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(
+        self, rule: UploadRule, headers: Headers, receive: Receive
+    ) -> tuple[bytes, JSONResponse | None]:
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        too_large = _error(
+            413,
+            f"the request body exceeds {rule.max_bytes // 2**20} MiB; send smaller or fewer images",
+        )
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > DRAIN_FACTOR * rule.max_bytes:
+            return b"", too_large  # answer at once; the server closes the connection
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= rule.max_bytes:
+                chunks.append(chunk)
+            elif size > DRAIN_FACTOR * rule.max_bytes:
+                return b"", too_large
+            more = message.get("more_body", False)
+        if size > rule.max_bytes:
+            return b"", too_large  # drained, so the client reads this answer cleanly
+        if media != "multipart/form-data":
+            got = media or "no content type"
+            return b"", _error(
+                415,
+                f"expected multipart/form-data with the image in field {rule.field!r}, got "
+                f"{got}; e.g. curl -F {rule.field}=@photo.jpg",
+            )
+        return b"".join(chunks), None
+
+    async def _check_form(
+        self, rule: UploadRule, headers: Headers, body: bytes
+    ) -> JSONResponse | None:
+        async def stream() -> AsyncGenerator[bytes, None]:
+            yield body
+
+        parser = MultiPartParser(headers, stream(), max_files=rule.max_files + 8, max_fields=64)
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            return _error(400, f"malformed multipart/form-data body: {e.message}")
+        except Exception as e:  # python-multipart raises its own zoo on garbage
+            return _error(400, f"malformed multipart/form-data body: {e}")
+        try:
+            values = form.getlist(rule.field)
+            if not values:
+                fields = ", ".join(repr(k) for k in form) or "none"
+                return _error(
+                    400,
+                    f"no {rule.field!r} field in the form (fields sent: {fields}); "
+                    f"e.g. curl -F {rule.field}=@photo.jpg",
+                )
+            if len(values) > rule.max_files == 1:
+                return _error(
+                    400,
+                    f"{len(values)} files in field {rule.field!r}; this endpoint takes one "
+                    "image, POST several to /predict_batch as repeated field 'images'",
+                )
+            if len(values) > rule.max_files:
+                return _error(
+                    413, f"{len(values)} images in one request; the limit is {rule.max_files}"
+                )
+            for v in values:
+                if not isinstance(v, UploadFile):
+                    return _error(
+                        400,
+                        f"field {rule.field!r} must be a file upload (with a filename), not "
+                        f"text; e.g. curl -F {rule.field}=@photo.jpg",
+                    )
+                if len((v.filename or "").encode()) > MAX_FILENAME:
+                    return _error(400, f"the upload's file name exceeds {MAX_FILENAME} bytes")
+            return None
+        finally:
+            await form.close()
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that yields the buffered body once, then defers to the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,103 @@
+"""`mp2a serve RUN`: check the artifact here, then run `bentoml serve` on the service.
+
+The check happens in this process so that a bad artifact is one clear line (exit 2) rather
+than a worker traceback. With the ort backend and no exported encoder, the encoder is
+exported first when the export stack (torch) is installed; on an edge install without it
+the error says which command to run where it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from mp2a.artifact import load_artifact
+from mp2a.errors import ArtifactError, Mp2aError
+from serving.backends import BACKENDS, ENCODERS, EXPORT_FORMAT, encoder_path
+
+log = logging.getLogger(__name__)
+
+SERVICE = "serving.service:Mp2aService"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder holding serving/
+
+
+def ensure_encoder(run: Path, precision: str = "fp32") -> None:
+    """The exported encoder exists and matches the artifact; export it if we can."""
+    art = load_artifact(run)
+    try:
+        encoder_path(art, precision)
+        return
+    except ArtifactError as missing:
+        try:
+            from export.run import export
+        except ImportError:
+            raise missing from None
+        if (run / ENCODERS[precision]).is_file():
+            raise  # present but stale: re-exporting silently would hide a mixed-up artifact
+    fmt = EXPORT_FORMAT[precision]
+    log.warning("%s has no exported encoder; exporting it now (mp2a export --format %s)", run, fmt)
+    export(run, fmt)
+
+
+def serve_command(port: int, host: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        SERVICE,
+        "--working-dir",
+        str(REPO_ROOT),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+
+
+def serve_env(run: Path, backend: str, precision: str = "fp32") -> dict[str, str]:
+    env = dict(os.environ)
+    env["MP2A_RUN"] = str(run.resolve())
+    env["MP2A_BACKEND"] = backend
+    env["MP2A_PRECISION"] = precision
+    env.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reporting from a model server
+    return env
+
+
+def serve(
+    run: Path,
+    port: int = 3000,
+    host: str = "0.0.0.0",
+    backend: str = "ort",
+    precision: str = "fp32",
+) -> int:
+    """Serve `run` until interrupted; returns the server's exit code."""
+    if backend not in BACKENDS:
+        raise Mp2aError(f"unknown backend {backend!r}. Available: {', '.join(BACKENDS)}")
+    if precision not in ENCODERS:
+        raise Mp2aError(f"unknown precision {precision!r}. Available: {', '.join(ENCODERS)}")
+    if backend == "ort":
+        ensure_encoder(run, precision)
+    else:
+        load_artifact(run)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(
+        f"mp2a: serving {run} ({backend}, {precision}) on http://{shown}:{port}\n"
+        f"  try: curl -F image=@photo.png http://{shown}:{port}/predict",
+        file=sys.stderr,
+        flush=True,
+    )
+    proc = subprocess.Popen(serve_command(port, host), env=serve_env(run, backend, precision))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise

@@ -1,0 +1,148 @@
+"""The mp2a_* Prometheus metrics (names are a stable interface: DESIGN.md §3).
+
+They are created lazily, on the first `get_metrics()` call inside a BentoML worker: BentoML
+sets PROMETHEUS_MULTIPROC_DIR for its worker processes and its /metrics endpoint reads only
+that directory, so prometheus_client must not create them before the worker is up.
+`ensure_multiprocess_dir()` gives in-process use (`Service.to_asgi()`, tests) the same setup.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STAGES = ("decode", "preprocess", "encode", "head")
+ADAPTATION_OUTCOMES = ("accepted", "rejected", "failed")
+# exposition names (counters get _total, histograms _bucket/_sum/_count)
+NAMES = (
+    "mp2a_inference_latency_seconds",
+    "mp2a_predictions_total",
+    "mp2a_prediction_confidence",
+    "mp2a_model_version_info",
+    "mp2a_encoder_batch_size",
+    "mp2a_traffic_samples",
+    "mp2a_adaptation_runs_total",
+    "mp2a_adaptation_duration_seconds",
+    "mp2a_pseudo_label_selected_ratio",
+)
+# 0.5 ms .. 10 s: the tiny CLIP decodes in under a millisecond, ViT-B-16 on CPU takes seconds
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ADAPTATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass(frozen=True)
+class ServingMetrics:
+    inference_latency: Any  # Histogram{stage}
+    predictions: Any  # Counter{label}
+    confidence: Any  # Histogram
+    model_version_info: Any  # Gauge{version, backbone} = 1 for the serving head
+    encoder_batch_size: Any  # Histogram: rows per model call (shows batching at work)
+    traffic_samples: Any  # Gauge, driven by the traffic store
+    adaptation_runs: Any  # Counter{outcome=accepted|rejected|failed}, adaptation worker
+    adaptation_duration: Any  # Histogram, adaptation worker
+    pseudo_label_selected_ratio: Any  # Gauge, adaptation worker
+
+    served: list[tuple[str, str]] = field(default_factory=list)  # (version, backbone) seen
+
+    def set_model_version(self, version: str, backbone: str) -> None:
+        """Mark `version` as the one being served: its series is 1, earlier ones 0.
+
+        Earlier series are zeroed rather than removed: in multiprocess mode a removed series
+        would live on in the worker's metrics file.
+        """
+        for v, b in self.served:
+            self.model_version_info.labels(version=v, backbone=b).set(0)
+        self.model_version_info.labels(version=version, backbone=backbone).set(1)
+        if (version, backbone) not in self.served:
+            self.served.append((version, backbone))
+
+
+def ensure_multiprocess_dir() -> None:
+    """Outside `bentoml serve`, give BentoML's /metrics the directory it expects.
+
+    BentoML's pytest plugin does the same; without it /metrics fails in-process.
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        path = tempfile.mkdtemp(prefix="mp2a-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+def unseen_by_bentoml() -> str:
+    """Exposition text of the metrics BentoML's /metrics would miss, usually "".
+
+    BentoML's /metrics reads only the multiprocess directory. If prometheus_client was
+    imported before PROMETHEUS_MULTIPROC_DIR was set (in-process use), every metric lives in
+    memory instead; then this returns the default registry's exposition to append.
+    """
+    from prometheus_client import REGISTRY, generate_latest, values
+
+    if values.ValueClass is not values.MutexValue:
+        return ""
+    return generate_latest(REGISTRY).decode()
+
+
+@functools.lru_cache(maxsize=1)
+def get_metrics() -> ServingMetrics:
+    """The process-wide metrics (registered once in prometheus_client's default registry)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    multiproc = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+    log.debug("registering mp2a metrics (multiprocess mode: %s)", multiproc)
+    m = ServingMetrics(
+        inference_latency=Histogram(
+            "mp2a_inference_latency_seconds",
+            "Seconds per request and stage (encode includes waiting for the shared batch)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        predictions=Counter("mp2a_predictions", "Predictions served, by top-1 label", ["label"]),
+        confidence=Histogram(
+            "mp2a_prediction_confidence", "Top-1 probability", buckets=CONFIDENCE_BUCKETS
+        ),
+        model_version_info=Gauge(
+            "mp2a_model_version_info",
+            "1 for the model version being served",
+            ["version", "backbone"],
+            multiprocess_mode="livemax",
+        ),
+        encoder_batch_size=Histogram(
+            "mp2a_encoder_batch_size", "Images per image-encoder call", buckets=BATCH_BUCKETS
+        ),
+        traffic_samples=Gauge(
+            "mp2a_traffic_samples",
+            "Embeddings held in the traffic store",
+            multiprocess_mode="livemax",
+        ),
+        adaptation_runs=Counter(
+            "mp2a_adaptation_runs", "Online re-adaptation runs, by outcome", ["outcome"]
+        ),
+        adaptation_duration=Histogram(
+            "mp2a_adaptation_duration_seconds",
+            "Seconds per online re-adaptation run",
+            buckets=ADAPTATION_BUCKETS,
+        ),
+        pseudo_label_selected_ratio=Gauge(
+            "mp2a_pseudo_label_selected_ratio",
+            "Fraction of traffic selected as pseudo-labels in the last adaptation stage",
+            multiprocess_mode="mostrecent",
+        ),
+    )
+    # every series exists from the start, so dashboards and rate() see zeros, not gaps
+    for stage in STAGES:
+        m.inference_latency.labels(stage=stage)
+    for outcome in ADAPTATION_OUTCOMES:
+        m.adaptation_runs.labels(outcome=outcome)
+    return m

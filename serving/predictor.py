@@ -1,0 +1,154 @@
+"""The prediction path, independent of the HTTP framework.
+
+decode (per request) -> preprocess (per request) -> image encoder (shared micro-batch)
+-> head -> top-k. `mp2a.preprocess.preprocess_image` is the one preprocessing implementation,
+so a served probability equals the offline evaluation of the same image.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mp2a.artifact import Artifact
+from mp2a.preprocess import preprocess_image
+from serving.backends import Backend
+from serving.batching import MicroBatcher
+from serving.decode import DecodeLimits, InputError, decode_image
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timing:
+    """Seconds per stage of one request; `model` is the encoder call its batch rode in."""
+
+    decode: float = 0.0
+    preprocess: float = 0.0
+    encode: float = 0.0  # wall time of the encode step: waiting for the batch + the model
+    model: float = 0.0
+    head: float = 0.0
+
+    def server_timing(self) -> str:
+        """A W3C Server-Timing header value (milliseconds)."""
+        return ", ".join(f"{k};dur={1000 * v:.3f}" for k, v in vars(self).items())
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    name: str = "image"  # how error messages refer to it, e.g. "images[3]"
+
+
+class Predictor:
+    """Thread-safe: call `predict` from many request threads at once."""
+
+    def __init__(
+        self,
+        art: Artifact,
+        backend: Backend,
+        *,
+        limits: DecodeLimits | None = None,
+        top_k: int = 5,
+        max_batch: int = 32,
+        max_wait_s: float = 0.005,
+        metrics: ServingMetrics | None = None,
+    ) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.art = art
+        self.backend = backend
+        self.limits = limits or DecodeLimits()
+        self.spec = art.preprocessing
+        self.classes = art.classes
+        self.version = str(art.version)
+        self.top_k = min(top_k, len(self.classes))
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.set_model_version(self.version, art.backbone.model)
+        self.batcher = MicroBatcher(backend.encode, max_batch, max_wait_s, self._on_batch)
+
+    def _on_batch(self, rows: int, _seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.encoder_batch_size.observe(rows)
+
+    def warmup(self) -> None:
+        """One model call, so the first request does not pay for lazy initialisation."""
+        s = self.spec.image_size
+        self.batcher.submit(np.zeros((1, 3, s, s), np.float32))
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    def predict(self, uploads: Sequence[Upload]) -> tuple[list[dict], Timing]:
+        """Class probabilities for each upload, as response dicts; raises InputError."""
+        if not uploads:
+            raise InputError(400, "no image in the request")
+        t = Timing()
+        with self.batcher.arriving():
+            t0 = time.perf_counter()
+            images = []
+            for up in uploads:
+                try:
+                    images.append(decode_image(up.data, self.limits))
+                except InputError as e:
+                    raise InputError(e.status, f"{up.name}: {e.message}") from e
+            t1 = time.perf_counter()
+            pixels = np.stack([preprocess_image(im, self.spec) for im in images])  # (B, 3, S, S)
+            t2 = time.perf_counter()
+        t.decode, t.preprocess = t1 - t0, t2 - t1
+        emb, t.model = self.batcher.submit(pixels)  # (B, D)
+        t3 = time.perf_counter()
+        probs = self.art.head.probs(emb)  # (B, C)
+        out = [self._response(p) for p in probs]
+        t.encode, t.head = t3 - t2, time.perf_counter() - t3
+        self._observe(t, out)
+        return out, t
+
+    def _response(self, p: np.ndarray) -> dict:
+        order = np.argsort(-p, kind="stable")[: self.top_k]
+        top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
+        return {
+            "label": top[0]["label"],
+            "score": top[0]["score"],
+            "top_k": top,
+            "model_version": self.version,
+        }
+
+    def _observe(self, t: Timing, out: list[dict]) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        for stage in ("decode", "preprocess", "encode", "head"):
+            m.inference_latency.labels(stage=stage).observe(getattr(t, stage))
+        for r in out:
+            m.predictions.labels(label=r["label"]).inc()
+            m.confidence.observe(r["score"])
+
+    def model_info(self) -> dict:
+        """What GET /model reports."""
+        m = self.art.manifest
+        try:
+            metrics = self.art.metrics()
+        except (OSError, ValueError) as e:  # a report problem must not hide the model
+            metrics = {"error": f"metrics.json unreadable: {e}"}
+        parent = m.get("parent_version")
+        return {
+            "version": self.version,
+            "backbone": self.art.backbone.to_dict(),
+            "classes": self.classes,
+            "created_at": m.get("created_at"),
+            "method": m.get("method"),
+            "target_domain": m.get("target_domain"),
+            "preprocessing": self.spec.to_dict(),
+            "metrics": metrics,
+            # the online loop (a later issue) keeps a history; until then: the parent, if any
+            "previous_versions": [] if parent is None else [str(parent)],
+            "runtime": self.backend.describe(),
+            "artifact": str(self.art.path),
+        }

@@ -1,0 +1,163 @@
+"""The BentoML prediction service: `bentoml serve serving.service:Mp2aService` (MP2A_RUN=RUN).
+
+Configuration (environment, read when the worker starts):
+    MP2A_RUN            artifact folder (default: runs/default, relative to the working dir)
+    MP2A_BACKEND        ort (default; needs RUN/export/image_encoder.onnx) or torch
+    MP2A_PRECISION      the ort backend's encoder: fp32 (default) or int8
+                        (RUN/export/image_encoder.int8.onnx from `mp2a export --format onnx-int8`)
+    MP2A_THREADS        request threads per worker (default 64: every waiting request holds
+                        one, and the requests waiting together form the next batch)
+    MP2A_MAX_BATCH      images per encoder call (default 32)
+    MP2A_MAX_WAIT_MS    longest wait for a batch to fill (default 5)
+    MP2A_MAX_UPLOAD_MB  body limit of /predict (default 16; /predict_batch: 4x)
+    MP2A_MAX_BATCH_IMAGES  images per /predict_batch request (default 64)
+    MP2A_TOP_K          entries in top_k (default 5)
+
+Endpoints: POST /predict (multipart `image`), POST /predict_batch (multipart `images`, repeated),
+GET /model, GET /livez, GET /readyz, GET /metrics (BentoML's, with the mp2a_* metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import bentoml
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mp2a.artifact import load_artifact
+from mp2a.errors import ArtifactError
+from serving.backends import load_backend
+from serving.decode import DecodeLimits, InputError
+from serving.guard import UploadGuard, UploadRule
+from serving.metrics import ensure_multiprocess_dir, get_metrics, unseen_by_bentoml
+from serving.predictor import Predictor, Upload
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN = "runs/default"
+ensure_multiprocess_dir()  # before anything imports prometheus_client (in-process use)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+MAX_UPLOAD = _env_int("MP2A_MAX_UPLOAD_MB", 16) * 2**20
+MAX_BATCH_IMAGES = _env_int("MP2A_MAX_BATCH_IMAGES", 64)
+
+
+class TopK(BaseModel):
+    label: str
+    score: float
+
+
+class PredictResponse(BaseModel):
+    label: str
+    score: float
+    top_k: list[TopK]
+    model_version: str
+
+
+class BatchResponse(BaseModel):
+    predictions: list[PredictResponse]
+    model_version: str
+
+
+def _model_route(_: Request) -> Response:
+    svc = bentoml.get_current_service()
+    if svc is None:
+        return JSONResponse({"error": "the model is not loaded yet"}, status_code=503)
+    return JSONResponse(svc.predictor.model_info())
+
+
+@bentoml.service(
+    name="mp2a",
+    workers=1,  # one model copy; ONNX Runtime's intra-op threads use every core
+    threads=_env_int("MP2A_THREADS", 64),
+    traffic={"timeout": 120},
+)
+class Mp2aService:
+    """CLIP classifier adapted by MP²A: image in, label and top-k probabilities out."""
+
+    def __init__(self) -> None:
+        run = Path(os.environ.get("MP2A_RUN") or DEFAULT_RUN)
+        if "MP2A_RUN" not in os.environ and not run.is_dir():
+            raise ArtifactError(
+                f"no artifact to serve: MP2A_RUN is not set and {run.resolve()} does not exist; "
+                "set MP2A_RUN=RUN or start the server with `mp2a serve RUN`"
+            )
+        art = load_artifact(run)
+        backend = load_backend(
+            os.environ.get("MP2A_BACKEND", "ort"),
+            art,
+            precision=os.environ.get("MP2A_PRECISION", "fp32"),
+        )
+        self.predictor = Predictor(
+            art,
+            backend,
+            limits=DecodeLimits(),
+            top_k=_env_int("MP2A_TOP_K", 5),
+            max_batch=_env_int("MP2A_MAX_BATCH", 32),
+            max_wait_s=_env_int("MP2A_MAX_WAIT_MS", 5) / 1000,
+            metrics=get_metrics(),
+        )
+        self.predictor.warmup()
+        log.info(
+            "serving %s version %s (%s) with %s",
+            run,
+            self.predictor.version,
+            art.backbone.model,
+            backend.describe(),
+        )
+
+    def __metrics__(self, content: str) -> str:
+        return content + unseen_by_bentoml()
+
+    def __is_alive__(self) -> bool:
+        return self.predictor.batcher.alive  # /livez: the model thread still runs
+
+    def __is_ready__(self) -> bool:
+        return self.predictor.batcher.alive  # /readyz: __init__ ended with a warm-up call
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self.predictor.close()
+
+    def _answer(self, uploads: list[Upload], batch: bool) -> Response:
+        try:
+            out, timing = self.predictor.predict(uploads)
+        except InputError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
+        body = {"predictions": out, "model_version": self.predictor.version} if batch else out[0]
+        return JSONResponse(body, headers={"Server-Timing": timing.server_timing()})
+
+    @bentoml.api(route="/predict")
+    def predict(self, image: Path) -> PredictResponse:
+        """Classify one image (JPEG, PNG, WebP, BMP or GIF's first frame)."""
+        return self._answer([Upload(image.read_bytes())], batch=False)  # type: ignore[return-value]
+
+    @bentoml.api(route="/predict_batch")
+    def predict_batch(self, images: list[Path]) -> BatchResponse:
+        """Classify several images (repeat the multipart field `images`)."""
+        uploads = [Upload(p.read_bytes(), f"images[{i}]") for i, p in enumerate(images)]
+        return self._answer(uploads, batch=True)  # type: ignore[return-value]
+
+
+Mp2aService.add_asgi_middleware(
+    UploadGuard,
+    rules={
+        "/predict": UploadRule("image", 1, MAX_UPLOAD),
+        "/predict_batch": UploadRule("images", MAX_BATCH_IMAGES, 4 * MAX_UPLOAD),
+    },
+)
+Mp2aService.mount_asgi_app(Starlette(routes=[Route("/model", _model_route, methods=["GET"])]))

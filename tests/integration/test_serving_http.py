@@ -1,0 +1,356 @@
+"""The BentoML service in-process (Service.to_asgi() + TestClient) on a real tiny-CLIP artifact:
+parity with offline evaluation, batching under concurrency, metrics, and a corpus of bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from mp2a.artifact import load_artifact
+from mp2a.preprocess import load_image, preprocess_batch
+from mp2a.runtime import OrtEncoder
+
+
+@pytest.fixture(scope="module")
+def run_dir(street_run):
+    return street_run
+
+
+@pytest.fixture(scope="module")
+def images(digits_small) -> list[Path]:
+    """Images from every domain: different pictures, different answers."""
+    return sorted(digits_small.glob("*/*/*.png"))[::3]
+
+
+@pytest.fixture(scope="module")
+def offline(run_dir, images) -> dict[Path, np.ndarray]:
+    """Offline evaluation: the shared preprocessing, ORT embeddings, the head. (N, C) probs."""
+    art = load_artifact(run_dir)
+    enc = OrtEncoder(run_dir / "export" / "image_encoder.onnx", ["CPUExecutionProvider"])
+    pils = [load_image(f) for f in images]
+    probs = art.head.probs(enc(preprocess_batch(pils, art.preprocessing)))
+    return dict(zip(images, probs, strict=True))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_environment():
+    """make_client sets MP2A_RUN / MP2A_BACKEND for the service; leave no trace."""
+    saved = {k: os.environ.get(k) for k in ("MP2A_RUN", "MP2A_BACKEND")}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@functools.cache
+def asgi_app():
+    """One ASGI app per process: BentoML registers its request metrics when it builds one.
+    Each TestClient context runs the app's lifespan, i.e. a fresh service instance that
+    reads MP2A_RUN and MP2A_BACKEND."""
+    from serving.service import Mp2aService
+
+    return Mp2aService.to_asgi()
+
+
+def make_client(run_dir: Path, backend: str = "ort") -> TestClient:
+    os.environ["MP2A_RUN"] = str(run_dir)
+    os.environ["MP2A_BACKEND"] = backend
+    return TestClient(asgi_app(), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(run_dir):
+    """A fresh service instance per test (the app allows one running instance at a time)."""
+    with make_client(run_dir) as c:
+        yield c
+
+
+def post_image(client: TestClient, data: bytes, name: str = "x.png", route: str = "/predict"):
+    return client.post(route, files={"image": (name, data, "application/octet-stream")})
+
+
+def served_probs(body: dict, classes: list[str]) -> dict[str, float]:
+    assert body["label"] == body["top_k"][0]["label"] and body["score"] == body["top_k"][0]["score"]
+    return {t["label"]: t["score"] for t in body["top_k"]}
+
+
+def assert_matches(body: dict, probs: np.ndarray, classes: list[str], tol: float = 1e-4) -> None:
+    got = served_probs(body, classes)
+    assert body["label"] == classes[int(np.argmax(probs))]
+    for label, score in got.items():
+        assert abs(score - probs[classes.index(label)]) <= tol, (label, score)
+    scores = list(got.values())
+    assert scores == sorted(scores, reverse=True) and len(scores) == 5
+
+
+def png(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ behaviour
+
+
+def test_served_probabilities_equal_offline_evaluation(client, run_dir, images, offline):
+    classes = load_artifact(run_dir).classes
+    for f in images[:12]:
+        r = post_image(client, f.read_bytes(), f.name)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "1"
+        assert_matches(r.json(), offline[f], classes)
+        assert "model;dur=" in r.headers["server-timing"]
+
+
+def test_torch_backend_equals_offline_evaluation(run_dir, images, offline):
+    """The torch fallback serves the same probabilities as the exported encoder."""
+    classes = load_artifact(run_dir).classes
+    with make_client(run_dir, "torch") as c:
+        assert c.get("/model").json()["runtime"]["backend"] == "torch"
+        for f in images[:6]:
+            r = post_image(c, f.read_bytes(), f.name)
+            assert r.status_code == 200, r.text
+            assert_matches(r.json(), offline[f], classes)
+
+
+def test_batch_endpoint_keeps_order(client, run_dir, images, offline):
+    classes = load_artifact(run_dir).classes
+    chosen = images[:7]
+    files = [("images", (f.name, f.read_bytes(), "image/png")) for f in chosen]
+    r = client.post("/predict_batch", files=files)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 7 and r.json()["model_version"] == "1"
+    for f, p in zip(chosen, preds, strict=True):
+        assert_matches(p, offline[f], classes)
+
+
+def test_concurrent_requests_get_their_own_answers(client, run_dir, images, offline):
+    classes = load_artifact(run_dir).classes
+    work = images * 2  # 2 rounds of every image, 16 threads at once
+
+    def one(f: Path) -> tuple[Path, dict]:
+        r = post_image(client, f.read_bytes(), f.name)
+        assert r.status_code == 200, r.text
+        return f, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        for f, body in pool.map(one, work):
+            assert_matches(body, offline[f], classes)
+
+
+def test_model_health_and_metrics(client, run_dir, images):
+    assert post_image(client, images[0].read_bytes()).status_code == 200
+    info = client.get("/model").json()
+    art = load_artifact(run_dir)
+    assert info["version"] == "1" and info["classes"] == art.classes
+    assert info["backbone"]["model"] == "tiny-digits" and info["created_at"]
+    assert info["metrics"]["method"] == "zeroshot" and info["previous_versions"] == []
+    assert info["runtime"]["backend"] == "ort"
+    assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
+
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in (
+        "mp2a_inference_latency_seconds",
+        "mp2a_predictions",
+        "mp2a_prediction_confidence",
+        "mp2a_model_version_info",
+        "mp2a_traffic_samples",
+        "mp2a_adaptation_runs",
+        "mp2a_adaptation_duration_seconds",
+        "mp2a_pseudo_label_selected_ratio",
+        "bentoml_service_request",
+    ):
+        assert name in families, name
+    stages = {
+        s.labels["stage"]
+        for s in families["mp2a_inference_latency_seconds"].samples
+        if s.name.endswith("_count") and s.value > 0
+    }
+    assert stages == {"decode", "preprocess", "encode", "head"}
+    version = [s for s in families["mp2a_model_version_info"].samples if s.value == 1]
+    assert [s.labels for s in version] == [{"version": "1", "backbone": "tiny-digits"}]
+    outcomes = {s.labels["outcome"] for s in families["mp2a_adaptation_runs"].samples}
+    assert outcomes == {"accepted", "rejected", "failed"}
+    assert sum(s.value for s in families["mp2a_predictions"].samples) > 0
+
+
+# ------------------------------------------------------------------ malformed input
+
+
+def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _sample(digits: Path) -> Image.Image:
+    with Image.open(sorted(digits.glob("street/*/*.png"))[0]) as im:
+        return im.convert("RGB")
+
+
+def _bomb() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", 60_000, 60_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 99))
+
+
+def bad_requests(digits: Path) -> dict[str, tuple[dict, int]]:
+    """name -> (TestClient.post kwargs for /predict, expected status)."""
+    ok = _enc(_sample(digits), "PNG")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    big_png, big_jpg = _enc(noise, "PNG"), _enc(noise, "JPEG")
+    corrupt_png = bytearray(big_png)
+    corrupt_png[100:140] = b"\xff" * 40
+    mp = "multipart/form-data; boundary=xyz"
+    tiny_gif = _enc(Image.new("RGB", (4, 4)), "GIF")
+    tiny_bmp = _enc(Image.new("RGB", (4, 4)), "BMP")
+
+    def patched(data: bytes, at: int, new: bytes) -> bytes:
+        return data[:at] + new + data[at + len(new) :]
+
+    def f(data: bytes, name: str = "upload.bin", field: str = "image") -> dict:
+        return {"files": {field: (name, data, "image/png")}}
+
+    return {
+        "zero bytes": (f(b""), 400),
+        "plain text": (f(b"just some text\n"), 415),
+        "html page": (f(b"<!doctype html><html><body>hi</body></html>"), 415),
+        "pdf header": (f(b"%PDF-1.4\n1 0 obj\n"), 415),
+        "svg drawing": (f(b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>'), 415),
+        "tiff image": (f(b"II*\x00" + b"\0" * 64), 415),
+        "zip archive": (f(b"PK\x03\x04" + b"\0" * 64), 415),
+        "elf binary": (f(b"\x7fELF" + bytes(range(200))), 415),
+        "truncated jpeg": (f(big_jpg[: len(big_jpg) // 2]), 422),
+        "truncated png": (f(big_png[: len(big_png) // 2]), 422),
+        "jpeg magic only": (f(b"\xff\xd8\xff"), 422),
+        "png signature only": (f(b"\x89PNG\r\n\x1a\n"), 422),
+        "corrupt png data": (f(bytes(corrupt_png)), 422),
+        "gif magic then text": (f(b"GIF89a this is not a gif"), 422),
+        "webp riff header only": (f(b"RIFF\x00\x00\x00\x00WEBPVP8 "), 422),
+        "decompression bomb header": (f(_bomb()), 413),
+        "huge gif screen size": (f(patched(tiny_gif, 6, b"\xff\xff\xff\xff")), 413),
+        "huge bmp dimensions": (f(patched(tiny_bmp, 18, struct.pack("<ii", 30000, 30000))), 413),
+        "oversize body": (f(b"\xff\xd8\xff" + b"\0" * (17 * 2**20)), 413),
+        "extremely wide image": (f(_enc(Image.new("RGB", (5000, 10)), "PNG")), 422),
+        "wrong field name": (f(ok, field="file"), 400),
+        "missing field": ({"data": {"note": "hello"}, "files": {"x": ("a", b"")}}, 400),
+        "image as text field (url)": (
+            {"data": {"image": "http://169.254.169.254/latest"}, "files": {"x": ("a", b"")}},
+            400,
+        ),
+        "empty multipart": ({"content": b"--xyz--\r\n", "headers": {"content-type": mp}}, 400),
+        "garbage multipart": ({"content": b"\x00\x01junk", "headers": {"content-type": mp}}, 400),
+        "multipart without boundary": (
+            {"content": ok, "headers": {"content-type": "multipart/form-data"}},
+            400,
+        ),
+        "raw image body": ({"content": ok, "headers": {"content-type": "image/png"}}, 415),
+        "json body": ({"json": {"image": "aGVsbG8="}}, 415),
+        "no body at all": ({}, 415),
+        "two images on /predict": (
+            {"files": [("image", ("a.png", ok)), ("image", ("b.png", ok))]},
+            400,
+        ),
+        "over-long file name": (f(ok, name="x" * 400 + ".png"), 400),
+    }
+
+
+def odd_but_valid(digits: Path) -> dict[str, bytes]:
+    """Valid images in unusual encodings: each must be answered 200."""
+    base = _sample(digits)
+    a16 = (np.asarray(base.convert("L"), np.uint16) * 257).astype(np.uint16)
+    pal = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    frames = [base, base.transpose(Image.Transpose.ROTATE_180)]
+    return {
+        "16-bit grayscale png": _enc(Image.fromarray(a16), "PNG"),
+        "cmyk jpeg": _enc(base.convert("CMYK"), "JPEG"),
+        "palette with transparency": _enc(pal, "PNG", transparency=0),
+        "rgba png": _enc(base.convert("RGBA"), "PNG"),
+        "grayscale+alpha png": _enc(base.convert("LA"), "PNG"),
+        "grayscale jpeg": _enc(base.convert("L"), "JPEG"),
+        "bilevel bmp": _enc(base.convert("1"), "BMP"),
+        "bmp": _enc(base, "BMP"),
+        "webp": _enc(base, "WEBP"),
+        "animated gif": _enc(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated webp": _enc(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "1x1 pixel": _enc(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"),
+        "tall 2x100": _enc(Image.new("RGB", (2, 100), (10, 200, 30)), "PNG"),
+        "png declared as text/plain": _enc(base, "PNG"),
+    }
+
+
+def test_malformed_input_corpus_gets_json_4xx_never_5xx(client, digits_small):
+    bad = bad_requests(digits_small)
+    assert len(bad) >= 30
+    for name, (kwargs, status) in bad.items():
+        r = client.post("/predict", **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert isinstance(r.json()["error"], str) and len(r.json()["error"]) > 10, name
+    assert post_image(client, _enc(_sample(digits_small), "PNG")).status_code == 200
+
+
+def test_odd_but_valid_images_are_answered(client, digits_small):
+    for name, data in odd_but_valid(digits_small).items():
+        declared = "text/plain" if "text/plain" in name else "image/png"
+        r = client.post("/predict", files={"image": ("odd", data, declared)})
+        assert r.status_code == 200, (name, r.text[:300])
+        assert r.json()["score"] > 0
+
+
+def test_animated_gif_is_its_first_frame(client, digits_small):
+    base = _sample(digits_small)
+    anim = _enc(base, "GIF", save_all=True, append_images=[Image.new("RGB", base.size)])
+    first = _enc(Image.open(io.BytesIO(anim)).convert("RGB"), "PNG")  # frame 0, lossless
+    a, b = post_image(client, anim).json(), post_image(client, first).json()
+    assert a["top_k"] == b["top_k"]
+
+
+def test_exif_rotated_jpeg_is_served_upright(client, digits_small):
+    """A camera JPEG stored sideways with orientation 6 scores like the upright pixels."""
+    upright = _sample(digits_small).resize((48, 32))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    tagged = _enc(stored, "JPEG", quality=95, exif=exif)
+    untagged = _enc(stored, "JPEG", quality=95)
+    decoded = Image.open(io.BytesIO(untagged)).convert("RGB")  # the same JPEG pixels
+    by_hand = png(decoded.transpose(Image.Transpose.ROTATE_270))  # rotated losslessly
+    served, expect = post_image(client, tagged).json(), post_image(client, by_hand).json()
+    sideways = post_image(client, untagged).json()
+    classes = [t["label"] for t in expect["top_k"]]
+    assert [t["label"] for t in served["top_k"]] == classes
+    for s, e in zip(served["top_k"], expect["top_k"], strict=True):
+        assert abs(s["score"] - e["score"]) <= 1e-4
+    assert sideways["top_k"] != served["top_k"]
+
+
+def test_batch_endpoint_errors_name_the_bad_image(client, digits_small):
+    ok = _enc(_sample(digits_small), "PNG")
+    files = [("images", ("a.png", ok)), ("images", ("b.txt", b"not an image"))]
+    r = client.post("/predict_batch", files=files)
+    assert r.status_code == 415 and "images[1]" in r.json()["error"]
+    r = client.post("/predict_batch", files=[("images", ("a", ok))] * 65)
+    assert r.status_code == 413
+    r = client.post("/predict_batch", files={"image": ("a.png", ok)})
+    assert r.status_code == 400 and "'images'" in r.json()["error"]
+    assert client.get("/readyz").status_code == 200

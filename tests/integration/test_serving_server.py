@@ -1,0 +1,259 @@
+"""Real processes on loopback: `mp2a serve`, `bentoml serve` with torch made unimportable
+(edge mode), and a real Prometheus server scraping /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mp2a.artifact import load_artifact
+from mp2a.preprocess import preprocess_batch
+from mp2a.runtime import OrtEncoder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(street_run):
+    return street_run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], env: dict, log: Path, ready_url: str) -> Iterator[subprocess.Popen]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_http(ready_url, proc, log)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory) -> Iterator[str]:
+    """`mp2a serve RUN --port P` as a user would start it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("mp2a-serve") / "serve.log"
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run_dir), "--host", "127.0.0.1"]
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    with process([*cmd, "--port", str(port)], env, log, url + "/readyz"):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def expected(run_dir, digits_small) -> dict[Path, np.ndarray]:
+    """Offline evaluation of every street image: (C,) probabilities each."""
+    art = load_artifact(run_dir)
+    enc = OrtEncoder(run_dir / "export" / "image_encoder.onnx", ["CPUExecutionProvider"])
+    files = sorted(digits_small.glob("street/*/*.png"))
+    pils = [Image.open(f).convert("RGB") for f in files]
+    probs = art.head.probs(enc(preprocess_batch(pils, art.preprocessing)))
+    return dict(zip(files, probs, strict=True))
+
+
+def check(body: dict, probs: np.ndarray, classes: list[str]) -> None:
+    assert body["label"] == classes[int(np.argmax(probs))]
+    for t in body["top_k"]:
+        assert abs(t["score"] - probs[classes.index(t["label"])]) <= 1e-4
+
+
+def batch_histogram(url: str) -> tuple[float, float]:
+    """(model calls of one image, all model calls) from mp2a_encoder_batch_size."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    fam = next(
+        f for f in text_string_to_metric_families(text) if f.name == "mp2a_encoder_batch_size"
+    )
+    ones = next(
+        s.value for s in fam.samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0"
+    )
+    total = next(s.value for s in fam.samples if s.name.endswith("_count"))
+    return ones, total
+
+
+def test_concurrent_http_clients_share_batches_and_get_their_own_answers(server, run_dir, expected):
+    classes = load_artifact(run_dir).classes
+    files = list(expected) * 3
+    ones0, total0 = batch_histogram(server)
+
+    def one(f: Path) -> tuple[Path, httpx.Response]:
+        with httpx.Client(base_url=server, timeout=60) as c:
+            return f, c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
+
+    with ThreadPoolExecutor(24) as pool:
+        for f, r in pool.map(one, files):
+            assert r.status_code == 200, r.text
+            check(r.json(), expected[f], classes)
+    ones1, total1 = batch_histogram(server)
+    calls, single = total1 - total0, ones1 - ones0
+    assert calls < len(files), "concurrent requests must share model calls"
+    assert single < calls
+
+
+def test_bad_input_over_a_real_socket_keeps_the_server_up(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        big = c.post("/predict", files={"image": ("big.jpg", b"\xff\xd8\xff" + bytes(17 << 20))})
+        assert big.status_code == 413 and "MiB" in big.json()["error"]
+        text = c.post("/predict", files={"image": ("a.png", b"<html>hi</html>")})
+        assert text.status_code == 415
+        form = c.post("/predict", data={"image": "http://127.0.0.1:1/x.png"})
+        assert form.status_code == 415
+        info = c.get("/model").json()
+        assert info["version"] == "1" and info["backbone"]["model"] == "tiny-digits"
+        assert c.get("/livez").status_code == 200
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="needs the prometheus server (apt-get install prometheus)"
+)
+def test_prometheus_scrapes_the_latency_histogram(server, run_dir, expected, tmp_path):
+    port = int(server.rsplit(":", 1)[1])
+    prom_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        textwrap.dedent(
+            f"""\
+            global:
+              scrape_interval: 1s
+              evaluation_interval: 1s
+            scrape_configs:
+              - job_name: mp2a
+                static_configs:
+                  - targets: ["127.0.0.1:{port}"]
+            """
+        )
+    )
+    cmd = [
+        str(PROMETHEUS),
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{prom_port}",
+    ]
+    prom = f"http://127.0.0.1:{prom_port}"
+    with process(cmd, dict(os.environ), tmp_path / "prometheus.log", prom + "/-/ready"):
+        for f in list(expected)[:5]:
+            r = httpx.post(server + "/predict", files={"image": (f.name, f.read_bytes())})
+            assert r.status_code == 200
+        queries = {
+            "count": 'sum(mp2a_inference_latency_seconds_count{stage="encode"})',
+            "p99": "histogram_quantile(0.99, sum by (le) "
+            '(mp2a_inference_latency_seconds_bucket{stage="decode"}))',
+            "up": 'up{job="mp2a"}',
+            "version": "mp2a_model_version_info == 1",
+        }
+        deadline, got = time.time() + 60, {}
+        while time.time() < deadline:
+            got = {}
+            for key, q in queries.items():
+                data = httpx.get(prom + "/api/v1/query", params={"query": q}).json()
+                assert data["status"] == "success", data
+                got[key] = data["data"]["result"]
+            if got["count"] and float(got["count"][0]["value"][1]) >= 5:
+                break
+            time.sleep(0.5)
+        assert got["count"] and float(got["count"][0]["value"][1]) >= 5, got
+        p99 = float(got["p99"][0]["value"][1])
+        assert 0 < p99 < 10  # seconds
+        assert float(got["up"][0]["value"][1]) == 1
+        assert got["version"][0]["metric"]["backbone"] == "tiny-digits"
+
+
+NO_TORCH = """\
+import os, sys
+
+with open(os.environ["MP2A_NO_TORCH_MARKER"], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+
+
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is blocked in this process (edge-mode test): {name}")
+        return None
+
+
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def test_edge_mode_serves_without_torch(run_dir, expected, tmp_path):
+    """`bentoml serve serving.service:Mp2aService` with MP2A_RUN, where `import torch` fails
+    in every process (a sitecustomize on PYTHONPATH), still answers /predict correctly."""
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    marker = tmp_path / "pids.txt"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "MP2A_NO_TORCH_MARKER": str(marker),
+        "MP2A_RUN": str(run_dir),
+        "MP2A_BACKEND": "ort",
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+    assert probe.returncode != 0 and b"blocked" in probe.stderr
+    port = free_port()
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:Mp2aService"]
+    cmd += ["--working-dir", str(ROOT), "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    marker.write_text("")
+    with process(cmd, env, tmp_path / "edge.log", url + "/readyz"):
+        f = next(iter(expected))
+        r = httpx.post(url + "/predict", files={"image": (f.name, f.read_bytes())}, timeout=60)
+        assert r.status_code == 200, r.text
+        check(r.json(), expected[f], load_artifact(run_dir).classes)
+    pids = set(marker.read_text().split())
+    assert len(pids) >= 2, "the blocker must be active in the server and its worker"
+    assert "ImportError" not in (tmp_path / "edge.log").read_text()
+
+
+def test_serve_refuses_a_missing_artifact_in_one_line(tmp_path, capsys):
+    from mp2a.cli import main
+
+    assert main(["serve", str(tmp_path / "nope"), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an mp2a artifact" in err[0]
