@@ -29,6 +29,7 @@ NAMES = (
     "mp2a_model_version_info",
     "mp2a_encoder_batch_size",
     "mp2a_traffic_samples",
+    "mp2a_traffic_dropped_total",
     "mp2a_adaptation_runs_total",
     "mp2a_adaptation_duration_seconds",
     "mp2a_pseudo_label_selected_ratio",
@@ -50,6 +51,7 @@ class ServingMetrics:
     model_version_info: Any  # Gauge{version, backbone} = 1 for the serving head
     encoder_batch_size: Any  # Histogram: rows per model call (shows batching at work)
     traffic_samples: Any  # Gauge, driven by the traffic store
+    traffic_dropped: Any  # Counter: samples the traffic store lost (queue full, write failed)
     adaptation_runs: Any  # Counter{outcome=accepted|rejected|failed}, adaptation worker
     adaptation_duration: Any  # Histogram, adaptation worker
     pseudo_label_selected_ratio: Any  # Gauge, adaptation worker
@@ -125,6 +127,10 @@ def get_metrics() -> ServingMetrics:
             "mp2a_traffic_samples",
             "Embeddings held in the traffic store",
             multiprocess_mode="livemax",
+        ),
+        traffic_dropped=Counter(
+            "mp2a_traffic_dropped",
+            "Served samples the traffic store dropped (queue full or write failed)",
         ),
         adaptation_runs=Counter(
             "mp2a_adaptation_runs", "Online re-adaptation runs, by outcome", ["outcome"]

@@ -1,7 +1,8 @@
 """The prediction path, independent of the HTTP framework.
 
 decode (per request) -> preprocess (per request) -> image encoder (shared micro-batch)
--> head -> top-k. `mp2a.preprocess.preprocess_image` is the one preprocessing implementation,
+-> head -> top-k, and each served image's embedding offered to the traffic store (non-blocking).
+`mp2a.preprocess.preprocess_image` is the one preprocessing implementation,
 so a served probability equals the offline evaluation of the same image.
 """
 
@@ -20,6 +21,7 @@ from serving.backends import Backend
 from serving.batching import MicroBatcher
 from serving.decode import DecodeLimits, InputError, decode_image
 from serving.metrics import ServingMetrics
+from serving.store import TrafficStore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Predictor:
         max_batch: int = 32,
         max_wait_s: float = 0.005,
         metrics: ServingMetrics | None = None,
+        store: TrafficStore | None = None,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -69,6 +72,7 @@ class Predictor:
         self.version = str(art.version)
         self.top_k = min(top_k, len(self.classes))
         self.metrics = metrics
+        self.store = store  # owned by the caller, which closes it
         if metrics is not None:
             metrics.set_model_version(self.version, art.backbone.model)
         self.batcher = MicroBatcher(backend.encode, max_batch, max_wait_s, self._on_batch)
@@ -108,7 +112,18 @@ class Predictor:
         out = [self._response(p) for p in probs]
         t.encode, t.head = t3 - t2, time.perf_counter() - t3
         self._observe(t, out)
+        if self.store is not None:
+            self._collect(uploads, emb, probs)
         return out, t
+
+    def _collect(self, uploads: Sequence[Upload], emb: np.ndarray, probs: np.ndarray) -> None:
+        """Offer each served image to the traffic store; a full store queue drops, never waits."""
+        store = self.store
+        assert store is not None
+        keep_images = store.keeps_images
+        labels = np.argmax(probs, axis=1)  # (B,) the first maximum, as _response's stable sort
+        for up, e, p, i in zip(uploads, emb, probs, labels, strict=True):
+            store.offer(e, int(i), float(p[i]), self.version, up.data if keep_images else None)
 
     def _response(self, p: np.ndarray) -> dict:
         order = np.argsort(-p, kind="stable")[: self.top_k]

@@ -12,6 +12,9 @@ Configuration (environment, read when the worker starts):
     MP2A_MAX_UPLOAD_MB  body limit of /predict (default 16; /predict_batch: 4x)
     MP2A_MAX_BATCH_IMAGES  images per /predict_batch request (default 64)
     MP2A_TOP_K          entries in top_k (default 5)
+    MP2A_STORE          traffic store file (default RUN/traffic.sqlite; `off`: no collection),
+                        with MP2A_SAMPLE_RATE, MP2A_STORE_MAX_ROWS, MP2A_STORE_MAX_AGE_S,
+                        MP2A_STORE_IMAGES, MP2A_STORE_MAX_IMAGES (serving/store.py)
 
 Endpoints: POST /predict (multipart `image`), POST /predict_batch (multipart `images`, repeated),
 GET /model, GET /livez, GET /readyz, GET /metrics (BentoML's, with the mp2a_* metrics).
@@ -37,6 +40,7 @@ from serving.decode import DecodeLimits, InputError
 from serving.guard import UploadGuard, UploadRule
 from serving.metrics import ensure_multiprocess_dir, get_metrics, unseen_by_bentoml
 from serving.predictor import Predictor, Upload
+from serving.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,8 @@ class Mp2aService:
             art,
             precision=os.environ.get("MP2A_PRECISION", "fp32"),
         )
+        metrics = get_metrics()
+        self.store = open_store(run, art.backbone.embed_dim, metrics)
         self.predictor = Predictor(
             art,
             backend,
@@ -109,7 +115,8 @@ class Mp2aService:
             top_k=_env_int("MP2A_TOP_K", 5),
             max_batch=_env_int("MP2A_MAX_BATCH", 32),
             max_wait_s=_env_int("MP2A_MAX_WAIT_MS", 5) / 1000,
-            metrics=get_metrics(),
+            metrics=metrics,
+            store=self.store,
         )
         self.predictor.warmup()
         log.info(
@@ -132,6 +139,8 @@ class Mp2aService:
     @bentoml.on_shutdown
     def _close(self) -> None:
         self.predictor.close()
+        if self.store is not None:
+            self.store.close()  # writes what is still queued
 
     def _answer(self, uploads: list[Upload], batch: bool) -> Response:
         try:

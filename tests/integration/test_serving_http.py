@@ -8,6 +8,7 @@ import functools
 import io
 import os
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,6 +190,49 @@ def test_model_health_and_metrics(client, run_dir, images):
     outcomes = {s.labels["outcome"] for s in families["mp2a_adaptation_runs"].samples}
     assert outcomes == {"accepted", "rejected", "failed"}
     assert sum(s.value for s in families["mp2a_predictions"].samples) > 0
+    assert "mp2a_traffic_dropped" in families
+
+
+def _traffic_samples(client: TestClient) -> float:
+    text = client.get("/metrics").text
+    fam = next(f for f in text_string_to_metric_families(text) if f.name == "mp2a_traffic_samples")
+    return max(s.value for s in fam.samples)
+
+
+def test_served_images_end_up_in_the_traffic_store(run_dir, images, tmp_path, monkeypatch):
+    """Every served image is one row: its embedding, the served label and score, the version;
+    a rejected upload is none."""
+    from serving.store import StoreConfig, TrafficStore
+
+    path = tmp_path / "traffic.sqlite"
+    monkeypatch.setenv("MP2A_STORE", str(path))
+    art = load_artifact(run_dir)
+    chosen = images[:9]
+    with make_client(run_dir) as c:
+        served = []
+        for f in chosen[:5]:
+            r = post_image(c, f.read_bytes(), f.name)
+            assert r.status_code == 200, r.text
+            served.append(r.json())
+        assert post_image(c, b"not an image at all").status_code == 415
+        files = [("images", (f.name, f.read_bytes(), "image/png")) for f in chosen[5:]]
+        r = c.post("/predict_batch", files=files)
+        assert r.status_code == 200, r.text
+        served += r.json()["predictions"]
+        # the writer publishes the row count after each batch (an earlier service's may linger)
+        deadline = time.monotonic() + 30
+        while _traffic_samples(c) != len(chosen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _traffic_samples(c) == len(chosen)
+    # the service has shut down: its store is flushed and closed
+    store = TrafficStore(StoreConfig(path=path, dim=art.backbone.embed_dim), start=False)
+    got = store.read()
+    assert store.count() == len(chosen) and store.versions() == {"1": len(chosen)}
+    assert [art.classes[i] for i in got.labels] == [b["label"] for b in served]
+    np.testing.assert_allclose(got.confidences, [b["score"] for b in served], rtol=1e-6)
+    probs = art.head.probs(got.embeddings)  # (N, C): the stored embeddings give the answers
+    for p, b in zip(probs, served, strict=True):
+        assert_matches(b, p, art.classes, tol=1e-5)
 
 
 # ------------------------------------------------------------------ malformed input

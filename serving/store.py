@@ -1,0 +1,467 @@
+"""The traffic store: embeddings of served images, kept for online re-adaptation (DESIGN.md §1).
+
+One SQLite file in WAL mode. Per sample the sampling rate keeps: time, model version,
+predicted label index, top-1 confidence and the embedding (float32, D from the artifact); raw
+image bytes only when explicitly enabled, in their own table with their own cap.
+
+Writes never slow or fail a prediction: `offer()` does a coin flip and a `put_nowait` on a
+bounded queue, nothing else. One writer thread per process drains the queue and inserts what it
+finds in one transaction, then enforces the retention caps (oldest first) and publishes the row
+count. When the queue is full the sample is dropped and counted (`mp2a_traffic_dropped_total`).
+
+Several processes (BentoML workers, the adaptation worker reading) may open the same file:
+WAL lets readers run beside the one writer, `busy_timeout` makes writers of different
+processes wait for each other instead of failing, and each thread has its own connection.
+
+Configuration (environment, read by `StoreConfig.from_env`):
+    MP2A_STORE              file (default RUN/traffic.sqlite); `off` disables collection
+    MP2A_SAMPLE_RATE        fraction of served images kept (default 1.0)
+    MP2A_STORE_MAX_ROWS     newest rows kept (default 100000)
+    MP2A_STORE_MAX_AGE_S    rows older than this are deleted (default 604800, 7 days)
+    MP2A_STORE_IMAGES       1 keeps the raw image bytes too (default 0: embeddings only)
+    MP2A_STORE_MAX_IMAGES   newest images kept when MP2A_STORE_IMAGES=1 (default 1000)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from serving.metrics import ServingMetrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "traffic.sqlite"
+BUSY_TIMEOUT_MS = 30_000  # another process's write transaction is milliseconds; wait, not fail
+RETENTION_INTERVAL_S = 1.0  # age cap checked at least this often, with or without traffic
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- insertion order: retention deletes the lowest
+    t REAL NOT NULL,                       -- unix seconds when served
+    version TEXT NOT NULL,                 -- model version that served it
+    label INTEGER NOT NULL,                -- predicted class index (artifact order)
+    confidence REAL NOT NULL,              -- top-1 probability
+    embedding BLOB NOT NULL                -- (D,) float32, little-endian
+);
+CREATE INDEX IF NOT EXISTS samples_t ON samples (t);
+CREATE TABLE IF NOT EXISTS images (
+    sample_id INTEGER PRIMARY KEY REFERENCES samples (id) ON DELETE CASCADE,
+    data BLOB NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be opened as configured; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path
+    dim: int  # embedding width of the serving model
+    sample_rate: float = 1.0
+    max_rows: int = 100_000
+    max_age_s: float = 7 * 24 * 3600.0
+    store_images: bool = False
+    max_images: int = 1000
+    queue_size: int = 10_000  # samples waiting for the writer; beyond it they are dropped
+    batch_size: int = 512  # samples per insert transaction
+    seed: int | None = None  # of the sampling coin; None: from the OS
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dim >= 1, f"dim must be >= 1, got {self.dim}"),
+            (
+                0.0 <= self.sample_rate <= 1.0,
+                f"sample_rate must be in [0, 1], not {self.sample_rate}",
+            ),
+            (self.max_rows >= 1, f"max_rows must be >= 1, got {self.max_rows}"),
+            (self.max_age_s > 0, f"max_age_s must be > 0, got {self.max_age_s}"),
+            (self.max_images >= 0, f"max_images must be >= 0, got {self.max_images}"),
+            (self.queue_size >= 1, f"queue_size must be >= 1, got {self.queue_size}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @classmethod
+    def from_env(
+        cls, run: Path, dim: int, environ: Mapping[str, str] | None = None
+    ) -> StoreConfig | None:
+        """The configuration the MP2A_STORE* variables describe; None when MP2A_STORE=off."""
+        env = os.environ if environ is None else environ
+        raw_path = env.get("MP2A_STORE", "").strip()
+        if raw_path.lower() == "off":
+            return None
+
+        def num(name: str, default: float, kind: type = float) -> float:
+            raw = env.get(name, "").strip()
+            try:
+                return kind(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not a {kind.__name__}") from None
+
+        images = env.get("MP2A_STORE_IMAGES", "0").strip().lower()
+        if images not in ("0", "1", "true", "false", ""):
+            raise ValueError(f"MP2A_STORE_IMAGES={images!r}: use 1 to keep images, 0 not to")
+        try:
+            return cls(
+                path=Path(raw_path) if raw_path else run / DEFAULT_NAME,
+                dim=dim,
+                sample_rate=num("MP2A_SAMPLE_RATE", 1.0),
+                max_rows=int(num("MP2A_STORE_MAX_ROWS", 100_000, int)),
+                max_age_s=num("MP2A_STORE_MAX_AGE_S", 7 * 24 * 3600.0),
+                store_images=images in ("1", "true"),
+                max_images=int(num("MP2A_STORE_MAX_IMAGES", 1000, int)),
+            )
+        except ValueError as e:
+            raise ValueError(f"traffic store configuration (MP2A_STORE*): {e}") from e
+
+
+class Traffic(NamedTuple):
+    """Stored samples, oldest first."""
+
+    embeddings: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64, predicted class index
+    confidences: np.ndarray  # (N,) float32, top-1 probability
+    times: np.ndarray  # (N,) float64, unix seconds
+
+
+@dataclass
+class _Sample:
+    t: float
+    version: str
+    label: int
+    confidence: float
+    embedding: bytes
+    image: bytes | None
+
+
+INSERT_SAMPLE = (
+    "INSERT INTO samples (t, version, label, confidence, embedding) VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def _insert(con: sqlite3.Connection, batch: list[_Sample]) -> None:
+    rows = [(s.t, s.version, s.label, s.confidence, s.embedding) for s in batch]
+    if all(s.image is None for s in batch):  # the usual case: one statement
+        con.executemany(INSERT_SAMPLE, rows)
+        return
+    for s, row in zip(batch, rows, strict=True):
+        cur = con.execute(INSERT_SAMPLE, row)
+        if s.image is not None:
+            con.execute(
+                "INSERT INTO images (sample_id, data) VALUES (?, ?)", (cur.lastrowid, s.image)
+            )
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection for one thread: WAL, a busy timeout, cascading deletes."""
+    con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    con.execute("PRAGMA foreign_keys = ON")
+    con.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable at checkpoints, fast
+    return con
+
+
+class TrafficStore:
+    """Thread-safe `offer()` from request threads; one writer thread per instance."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        *,
+        metrics: ServingMetrics | None = None,
+        start: bool = True,
+    ) -> None:
+        self.config = config
+        self.path = Path(config.path)
+        self.metrics = metrics
+        self.dropped = 0  # samples lost to a full queue or a failed write
+        self._drop_lock = threading.Lock()
+        self._rng = random.Random(config.seed)
+        self._queue: queue.Queue[_Sample] = queue.Queue(maxsize=config.queue_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._init_schema()
+        if start:
+            self.start()
+
+    def _init_schema(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = connect(self.path)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(
+                f"cannot open the traffic store {self.path}: {e}; set MP2A_STORE to a writable "
+                "file or MP2A_STORE=off"
+            ) from e
+        try:
+            mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+            con.executescript(SCHEMA)
+            con.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('dim', ?)", (str(self.config.dim),)
+            )
+            dim = int(con.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()[0])
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot set up the traffic store {self.path}: {e}") from e
+        finally:
+            con.close()
+        if dim != self.config.dim:
+            raise StoreError(
+                f"the traffic store {self.path} holds {dim}-d embeddings but this model makes "
+                f"{self.config.dim}-d ones; point MP2A_STORE at another file or remove it"
+            )
+
+    # -- producers (request threads) ------------------------------------------------------
+
+    @property
+    def keeps_images(self) -> bool:
+        return self.config.store_images and self.config.max_images > 0
+
+    def offer(
+        self,
+        embedding: np.ndarray,
+        label: int,
+        confidence: float,
+        version: str,
+        image: bytes | None = None,
+    ) -> bool:
+        """Queue one served sample if the sampling rate keeps it; never blocks.
+
+        Returns True if it was queued, False if sampled out or dropped (queue full).
+        """
+        rate = self.config.sample_rate
+        if rate < 1.0 and self._rng.random() >= rate:
+            return False
+        sample = _Sample(
+            t=time.time(),
+            version=version,
+            label=int(label),
+            confidence=float(confidence),
+            embedding=np.ascontiguousarray(embedding, dtype="<f4").tobytes(),
+            image=image if self.keeps_images else None,
+        )
+        try:
+            self._queue.put_nowait(sample)
+        except queue.Full:
+            self._count_dropped(1)
+            return False
+        return True
+
+    def _count_dropped(self, n: int) -> None:
+        with self._drop_lock:
+            self.dropped += n
+        if self.metrics is not None:
+            self.metrics.traffic_dropped.inc(n)
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread (the constructor does, unless start=False)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="mp2a-store-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        con = connect(self.path)
+        last_retention = 0.0
+        try:
+            while not (self._stop.is_set() and self._queue.empty()):
+                batch = self._take_batch()
+                if batch:
+                    self._write(con, batch)
+                now = time.monotonic()
+                if batch or now - last_retention >= RETENTION_INTERVAL_S:
+                    self._retain_and_publish(con)
+                    last_retention = now
+        finally:
+            con.close()
+
+    def _take_batch(self) -> list[_Sample]:
+        try:
+            batch = [self._queue.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        while len(batch) < self.config.batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _write(self, con: sqlite3.Connection, batch: list[_Sample]) -> None:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                _insert(con, batch)
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:  # disk full, locked past the timeout: lose them, go on
+            log.warning("traffic store %s: dropped %d samples: %s", self.path, len(batch), e)
+            self._count_dropped(len(batch))
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+
+    def _retain_and_publish(self, con: sqlite3.Connection) -> None:
+        c = self.config
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("DELETE FROM samples WHERE t < ?", (time.time() - c.max_age_s,))
+            # ids grow with insertion, so the row max_rows places below the newest is the cut
+            con.execute(
+                "DELETE FROM samples WHERE id <= "
+                "(SELECT id FROM samples ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (c.max_rows,),
+            )
+            con.execute(
+                "DELETE FROM images WHERE sample_id <= "
+                "(SELECT sample_id FROM images ORDER BY sample_id DESC LIMIT 1 OFFSET ?)",
+                (c.max_images,),
+            )
+            con.execute("COMMIT")
+            n = con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        except sqlite3.Error as e:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            log.warning("traffic store %s: retention pass failed: %s", self.path, e)
+            return
+        if self.metrics is not None:
+            self.metrics.traffic_samples.set(n)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        q = self._queue
+        with q.all_tasks_done:
+            return q.all_tasks_done.wait_for(lambda: q.unfinished_tasks == 0, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop the writer thread."""
+        self.start()  # a store created with start=False still writes its queue on close
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("traffic store %s: writer still busy after %.0f s", self.path, timeout)
+
+    # -- readers (the adaptation worker, tests) ---------------------------------------------
+
+    def count(self) -> int:
+        """Rows in the store (all processes' writes)."""
+        con = connect(self.path)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+        finally:
+            con.close()
+
+    def image_count(self) -> int:
+        con = connect(self.path)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        finally:
+            con.close()
+
+    def versions(self) -> dict[str, int]:
+        """Rows per model version."""
+        con = connect(self.path)
+        try:
+            rows = con.execute("SELECT version, COUNT(*) FROM samples GROUP BY version")
+            return {str(v): int(n) for v, n in rows}
+        finally:
+            con.close()
+
+    def read(
+        self,
+        limit: int | None = None,
+        since: float | None = None,
+        version: str | None = None,
+    ) -> Traffic:
+        """The newest `limit` samples (all if None) served at or after `since` (unix seconds),
+        optionally only those served by `version`; oldest first."""
+        where, args = [], []
+        if since is not None:
+            where.append("t >= ?")
+            args.append(float(since))
+        if version is not None:
+            where.append("version = ?")
+            args.append(str(version))
+        sql = "SELECT t, label, confidence, embedding FROM samples"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        con = connect(self.path)
+        try:
+            rows = con.execute(sql, args).fetchall()[::-1]
+        finally:
+            con.close()
+        d = self.config.dim
+        emb = np.frombuffer(b"".join(r[3] for r in rows), dtype="<f4").reshape(len(rows), d)
+        return Traffic(
+            embeddings=emb.astype(np.float32),  # (N, D), a writable copy
+            labels=np.array([r[1] for r in rows], dtype=np.int64),
+            confidences=np.array([r[2] for r in rows], dtype=np.float32),
+            times=np.array([r[0] for r in rows], dtype=np.float64),
+        )
+
+
+def open_store(
+    run: Path,
+    dim: int,
+    metrics: ServingMetrics | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TrafficStore | None:
+    """The serving process's store as the environment configures it, or None.
+
+    A store the user named (MP2A_STORE) that cannot be opened is an error; the default one in
+    the artifact folder (which may be read-only, e.g. baked into an image) only logs a warning,
+    so serving goes on without collecting.
+    """
+    env = os.environ if environ is None else environ
+    config = StoreConfig.from_env(run, dim, env)
+    if config is None:
+        log.info("traffic store disabled (MP2A_STORE=off)")
+        return None
+    try:
+        store = TrafficStore(config, metrics=metrics)
+    except StoreError as e:
+        if env.get("MP2A_STORE", "").strip():
+            raise
+        log.warning("%s; serving without collecting traffic", e)
+        return None
+    log.info(
+        "traffic store %s (sample rate %g, max %d rows, max age %g s, images %s)",
+        config.path,
+        config.sample_rate,
+        config.max_rows,
+        config.max_age_s,
+        "on" if store.keeps_images else "off",
+    )
+    return store
