@@ -39,7 +39,7 @@ $(DEFAULT_RUN)/export/image_encoder.onnx: | venv $(DATA)/meta.json
 
 serve: venv $(DEFAULT_RUN)/export/image_encoder.onnx
 	@echo "mp2a: serving $(DEFAULT_RUN) on port $(PORT). Try:"
-	@echo "  curl -F image=@$$(ls $(DATA)/$(TARGET)/seven/*.png | head -1) http://127.0.0.1:$(PORT)/predict"
+	@echo "  curl -F image=@$$(ls $(DATA)/$(TARGET)/three/*.png | head -1) http://127.0.0.1:$(PORT)/predict"
 	$(MP2A) serve $(DEFAULT_RUN) --port $(PORT)
 
 zeroshot-table: venv $(DATA)/meta.json
