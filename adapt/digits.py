@@ -154,17 +154,29 @@ def _jitter(rng: np.random.Generator, img: Image.Image, size: int) -> Image.Imag
 # ----------------------------------------------------------------------------- domains
 
 
-def _render_printed(rng: np.random.Generator, digit: int, size: int) -> Image.Image:
-    """A PRINTED_FONTS digit on a plain background with mild size/position/rotation jitter."""
+def _printed_mask(
+    rng: np.random.Generator,
+    digit: int,
+    size: int,
+    height: tuple[float, float],
+    rotation: float,
+    offset: float,
+) -> Image.Image:
+    """A PRINTED_FONTS glyph mask with random height, rotation (±deg) and offset (±frac)."""
     font = PRINTED_FONTS[rng.integers(len(PRINTED_FONTS))]
-    mask = render_glyph(
+    return render_glyph(
         str(digit),
         font,
         size,
-        height_frac=rng.uniform(0.55, 0.8),
-        rotation=rng.uniform(-8, 8),
-        offset=tuple(rng.uniform(-0.06, 0.06, size=2)),
+        height_frac=rng.uniform(*height),
+        rotation=rng.uniform(-rotation, rotation),
+        offset=tuple(rng.uniform(-offset, offset, size=2)),
     )
+
+
+def _render_printed(rng: np.random.Generator, digit: int, size: int) -> Image.Image:
+    """A PRINTED_FONTS digit on a plain background with mild size/position/rotation jitter."""
+    mask = _printed_mask(rng, digit, size, height=(0.55, 0.8), rotation=8, offset=0.06)
     bg, ink = _contrasting_colours(rng)
     return _to_image(_blend(np.broadcast_to(bg, (size, size, 3)), ink, _mask(mask)))
 
@@ -204,15 +216,7 @@ def _texture_crop(rng: np.random.Generator, size: int) -> Rgb:
 
 def _render_textured(rng: np.random.Generator, digit: int, size: int) -> Image.Image:
     """MNIST-M blend of a thick PRINTED_FONTS digit over a photo crop: |crop - mask*255|."""
-    font = PRINTED_FONTS[rng.integers(len(PRINTED_FONTS))]
-    mask = render_glyph(
-        str(digit),
-        font,
-        size,
-        height_frac=rng.uniform(0.6, 0.85),
-        rotation=rng.uniform(-12, 12),
-        offset=tuple(rng.uniform(-0.05, 0.05, size=2)),
-    )
+    mask = _printed_mask(rng, digit, size, height=(0.6, 0.85), rotation=12, offset=0.05)
     mask = mask.filter(ImageFilter.MaxFilter(3 if size < 48 else 5))  # MNIST-like thick strokes
     crop = _texture_crop(rng, size)
     return _to_image(np.abs(crop - _mask(mask) * 255.0))
