@@ -119,7 +119,7 @@ class ArtifactContents:
     parent_version: int | None = None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,18 +127,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def _save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+def save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -155,7 +155,7 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _save_tensors(
+        save_tensors(
             tmp / HEAD_FILE,
             {
                 "weight": c.head.weight.astype(np.float32),
@@ -163,11 +163,11 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
             },
         )
         if c.prompts is not None:
-            _save_tensors(tmp / PROMPTS_FILE, c.prompts)
-        _save_tensors(tmp / SOURCE_FEATURES_FILE, c.source_features)
-        _write_json(tmp / METRICS_FILE, c.metrics)
+            save_tensors(tmp / PROMPTS_FILE, c.prompts)
+        save_tensors(tmp / SOURCE_FEATURES_FILE, c.source_features)
+        write_json(tmp / METRICS_FILE, c.metrics)
         for name, data in c.extra_files.items():
-            _write_bytes(tmp / name, data)
+            write_bytes(tmp / name, data)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -183,8 +183,8 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
             "prompt": c.prompt_config,
             "files": files,
         }
-        _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
+        write_json(tmp / MANIFEST, manifest)
+        fsync_dir(tmp)
         if out.exists():
             # Keep anything added later beside the model files (exports) across a rewrite.
             old_export = out / "export"
@@ -196,7 +196,7 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

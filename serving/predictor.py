@@ -64,18 +64,40 @@ class Predictor:
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.art = art
         self.backend = backend
         self.limits = limits or DecodeLimits()
         self.spec = art.preprocessing
         self.classes = art.classes
-        self.version = str(art.version)
         self.top_k = min(top_k, len(self.classes))
         self.metrics = metrics
         self.store = store  # owned by the caller, which closes it
+        self.art = art  # the served version; replaced whole by `swap`
         if metrics is not None:
             metrics.set_model_version(self.version, art.backbone.model)
         self.batcher = MicroBatcher(backend.encode, max_batch, max_wait_s, self._on_batch)
+
+    @property
+    def version(self) -> str:
+        return str(self.art.version)
+
+    def swap(self, art: Artifact) -> None:
+        """Serve `art`'s head from now on. One reference assignment: a request in flight keeps
+        the version it started with (`predict` reads `self.art` once). The encoder is unchanged,
+        so `art` must have the same classes, preprocessing and backbone weights."""
+        old = self.art
+        if (
+            art.classes != old.classes
+            or art.preprocessing != old.preprocessing
+            or art.backbone != old.backbone
+        ):
+            raise ValueError(
+                f"version {art.version} at {art.path} does not fit the served encoder "
+                "(other classes, preprocessing or backbone); restart the server on it instead"
+            )
+        self.art = art
+        if self.metrics is not None:
+            self.metrics.set_model_version(str(art.version), art.backbone.model)
+        log.info("now serving version %s (was %s)", art.version, old.version)
 
     def _on_batch(self, rows: int, _seconds: float) -> None:
         if self.metrics is not None:
@@ -94,6 +116,8 @@ class Predictor:
         if not uploads:
             raise InputError(400, "no image in the request")
         t = Timing()
+        art = self.art  # the version this request is answered with, whatever swaps meanwhile
+        version = str(art.version)
         with self.batcher.arriving():
             t0 = time.perf_counter()
             images = []
@@ -108,31 +132,33 @@ class Predictor:
         t.decode, t.preprocess = t1 - t0, t2 - t1
         emb, t.model = self.batcher.submit(pixels)  # (B, D)
         t3 = time.perf_counter()
-        probs = self.art.head.probs(emb)  # (B, C)
-        out = [self._response(p) for p in probs]
+        probs = art.head.probs(emb)  # (B, C)
+        out = [self._response(p, version) for p in probs]
         t.encode, t.head = t3 - t2, time.perf_counter() - t3
         self._observe(t, out)
         if self.store is not None:
-            self._collect(uploads, emb, probs)
+            self._collect(uploads, emb, probs, version)
         return out, t
 
-    def _collect(self, uploads: Sequence[Upload], emb: np.ndarray, probs: np.ndarray) -> None:
+    def _collect(
+        self, uploads: Sequence[Upload], emb: np.ndarray, probs: np.ndarray, version: str
+    ) -> None:
         """Offer each served image to the traffic store; a full store queue drops, never waits."""
         store = self.store
         assert store is not None
         keep_images = store.keeps_images
         labels = np.argmax(probs, axis=1)  # (B,) the first maximum, as _response's stable sort
         for up, e, p, i in zip(uploads, emb, probs, labels, strict=True):
-            store.offer(e, int(i), float(p[i]), self.version, up.data if keep_images else None)
+            store.offer(e, int(i), float(p[i]), version, up.data if keep_images else None)
 
-    def _response(self, p: np.ndarray) -> dict:
+    def _response(self, p: np.ndarray, version: str) -> dict:
         order = np.argsort(-p, kind="stable")[: self.top_k]
         top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
         return {
             "label": top[0]["label"],
             "score": top[0]["score"],
             "top_k": top,
-            "model_version": self.version,
+            "model_version": version,
         }
 
     def _observe(self, t: Timing, out: list[dict]) -> None:
@@ -145,25 +171,29 @@ class Predictor:
             m.predictions.labels(label=r["label"]).inc()
             m.confidence.observe(r["score"])
 
-    def model_info(self) -> dict:
-        """What GET /model reports."""
-        m = self.art.manifest
+    def model_info(self, previous_versions: list[str] | None = None) -> dict:
+        """What GET /model reports; `previous_versions` from the version store when known."""
+        art = self.art
+        m = art.manifest
         try:
-            metrics = self.art.metrics()
+            metrics = art.metrics()
         except (OSError, ValueError) as e:  # a report problem must not hide the model
             metrics = {"error": f"metrics.json unreadable: {e}"}
         parent = m.get("parent_version")
+        if previous_versions is None:
+            previous_versions = [] if parent is None else [str(parent)]
         return {
-            "version": self.version,
-            "backbone": self.art.backbone.to_dict(),
+            "version": str(art.version),
+            "parent_version": parent,
+            "backbone": art.backbone.to_dict(),
             "classes": self.classes,
             "created_at": m.get("created_at"),
             "method": m.get("method"),
             "target_domain": m.get("target_domain"),
             "preprocessing": self.spec.to_dict(),
             "metrics": metrics,
-            # the online loop (a later issue) keeps a history; until then: the parent, if any
-            "previous_versions": [] if parent is None else [str(parent)],
+            "decision": m.get("decision"),
+            "previous_versions": previous_versions,
             "runtime": self.backend.describe(),
-            "artifact": str(self.art.path),
+            "artifact": str(art.path),
         }

@@ -15,15 +15,27 @@ Configuration (environment, read when the worker starts):
     MP2A_STORE          traffic store file (default RUN/traffic.sqlite; `off`: no collection),
                         with MP2A_SAMPLE_RATE, MP2A_STORE_MAX_ROWS, MP2A_STORE_MAX_AGE_S,
                         MP2A_STORE_IMAGES, MP2A_STORE_MAX_IMAGES (serving/store.py)
+    MP2A_ADMIN_TOKEN    enables the admin endpoints (Authorization: Bearer <token>); unset:
+                        they answer 403
+    MP2A_KEEP_VERSIONS  version folders kept in RUN/versions (default 5; mp2a/versions.py)
 
 Endpoints: POST /predict (multipart `image`), POST /predict_batch (multipart `images`, repeated),
-GET /model, GET /livez, GET /readyz, GET /metrics (BentoML's, with the mp2a_* metrics).
+GET /model, GET /livez, GET /readyz, GET /metrics (BentoML's, with the mp2a_* metrics),
+POST /rollback (admin), POST /adapt (admin), GET /adapt/status.
+
+The served head follows RUN/versions/CURRENT (serving/swap.py): a publish or rollback by any
+process is picked up by every worker within half a second, without failing a request.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hmac
+import json
 import logging
 import os
+import tempfile
+import uuid
 from pathlib import Path
 
 import bentoml
@@ -33,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mp2a import versions
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError
 from serving.backends import load_backend
@@ -41,6 +54,7 @@ from serving.guard import UploadGuard, UploadRule
 from serving.metrics import ensure_multiprocess_dir, get_metrics, unseen_by_bentoml
 from serving.predictor import Predictor, Upload
 from serving.store import open_store
+from serving.swap import VersionWatcher
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +91,121 @@ class BatchResponse(BaseModel):
     model_version: str
 
 
+ADAPT_STATUS = "adapt_status.json"  # written by the adaptation worker
+ADAPT_REQUEST = "adapt_request.json"  # written by POST /adapt, taken by the worker
+
+
+def _not_loaded() -> Response:
+    return JSONResponse({"error": "the model is not loaded yet; retry shortly"}, status_code=503)
+
+
 def _model_route(_: Request) -> Response:
     svc = bentoml.get_current_service()
     if svc is None:
-        return JSONResponse({"error": "the model is not loaded yet"}, status_code=503)
-    return JSONResponse(svc.predictor.model_info())
+        return _not_loaded()
+    return JSONResponse(svc.model_info())
+
+
+def _admin_refusal(request: Request) -> Response | None:
+    """None if the request carries the admin token; else the 403/401 answer (DESIGN.md §3)."""
+    token = os.environ.get("MP2A_ADMIN_TOKEN", "")
+    if not token:
+        return JSONResponse(
+            {
+                "error": "admin endpoints are disabled: start the server with "
+                "MP2A_ADMIN_TOKEN=<secret> in its environment and send "
+                "'Authorization: Bearer <secret>'"
+            },
+            status_code=403,
+        )
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # constant-time comparison of bytes (compare_digest refuses non-ASCII str)
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        return JSONResponse(
+            {
+                "error": "missing or wrong admin token: send 'Authorization: Bearer <token>' "
+                "with the server's MP2A_ADMIN_TOKEN"
+            },
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return None
+
+
+def _rollback_route(request: Request) -> Response:
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    svc = bentoml.get_current_service()
+    if svc is None:
+        return _not_loaded()
+    before = svc.predictor.version
+    try:
+        versions.rollback(svc.run)
+    except ArtifactError as e:
+        return JSONResponse({"error": str(e)}, status_code=409)
+    except OSError as e:
+        return JSONResponse(
+            {"error": f"cannot write {versions.versions_dir(svc.run)}: {e}"}, status_code=500
+        )
+    svc.watcher.check(force=True)  # this worker answers with the new version at once
+    return JSONResponse({"version": svc.predictor.version, "previous": before})
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _adapt_route(request: Request) -> Response:
+    if (refused := _admin_refusal(request)) is not None:
+        return refused
+    svc = bentoml.get_current_service()
+    if svc is None:
+        return _not_loaded()
+    req = {
+        "id": uuid.uuid4().hex,
+        "requested_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "serving_version": svc.predictor.version,
+    }
+    path = versions.versions_dir(svc.run) / ADAPT_REQUEST
+    try:
+        _atomic_json(path, req)
+    except OSError as e:
+        return JSONResponse({"error": f"cannot write {path}: {e}"}, status_code=500)
+    message = (
+        f"re-adaptation requested ({path}); an adaptation worker must be running to pick it "
+        "up. This release does not ship the worker yet: until it does, nothing runs and "
+        "GET /adapt/status stays as it is"
+    )
+    return JSONResponse({"status": "requested", **req, "message": message}, status_code=202)
+
+
+def _adapt_status_route(_: Request) -> Response:
+    svc = bentoml.get_current_service()
+    if svc is None:
+        return _not_loaded()
+    d = versions.versions_dir(svc.run)
+    try:
+        status = json.loads((d / ADAPT_STATUS).read_text())
+    except FileNotFoundError:
+        status = {"state": "idle", "detail": "no adaptation has run"}
+    except (OSError, ValueError) as e:
+        status = {"state": "unknown", "detail": f"{d / ADAPT_STATUS} is unreadable: {e}"}
+    if not isinstance(status, dict):
+        status = {"state": "unknown", "detail": f"{d / ADAPT_STATUS} is not a JSON object"}
+    try:
+        status["pending_request"] = json.loads((d / ADAPT_REQUEST).read_text())
+    except (OSError, ValueError):
+        status["pending_request"] = None
+    status["serving_version"] = svc.predictor.version
+    return JSONResponse(status)
 
 
 @bentoml.service(
@@ -100,14 +224,16 @@ class Mp2aService:
                 f"no artifact to serve: MP2A_RUN is not set and {run.resolve()} does not exist; "
                 "set MP2A_RUN=RUN or start the server with `mp2a serve RUN`"
             )
-        art = load_artifact(run)
+        self.run = run
+        base = load_artifact(run)  # the encoder belongs to the base artifact (version 1)
+        art = versions.load_current(run)  # the head: the version CURRENT names, verified
         backend = load_backend(
             os.environ.get("MP2A_BACKEND", "ort"),
-            art,
+            base,
             precision=os.environ.get("MP2A_PRECISION", "fp32"),
         )
         metrics = get_metrics()
-        self.store = open_store(run, art.backbone.embed_dim, metrics)
+        self.store = open_store(run, base.backbone.embed_dim, metrics)
         self.predictor = Predictor(
             art,
             backend,
@@ -119,6 +245,7 @@ class Mp2aService:
             store=self.store,
         )
         self.predictor.warmup()
+        self.watcher = VersionWatcher(run, self.predictor).start()
         log.info(
             "serving %s version %s (%s) with %s",
             run,
@@ -126,6 +253,12 @@ class Mp2aService:
             art.backbone.model,
             backend.describe(),
         )
+
+    def model_info(self) -> dict:
+        """GET /model: the serving version and its kept ancestors."""
+        art = self.predictor.art
+        previous = [str(v) for v in versions.ancestors(self.run, art)]
+        return self.predictor.model_info(previous_versions=previous)
 
     def __metrics__(self, content: str) -> str:
         return content + unseen_by_bentoml()
@@ -138,6 +271,7 @@ class Mp2aService:
 
     @bentoml.on_shutdown
     def _close(self) -> None:
+        self.watcher.close()
         self.predictor.close()
         if self.store is not None:
             self.store.close()  # writes what is still queued
@@ -147,7 +281,8 @@ class Mp2aService:
             out, timing = self.predictor.predict(uploads)
         except InputError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
-        body = {"predictions": out, "model_version": self.predictor.version} if batch else out[0]
+        # the version that answered, even if a swap happened since
+        body = {"predictions": out, "model_version": out[0]["model_version"]} if batch else out[0]
         return JSONResponse(body, headers={"Server-Timing": timing.server_timing()})
 
     @bentoml.api(route="/predict")
@@ -169,4 +304,13 @@ Mp2aService.add_asgi_middleware(
         "/predict_batch": UploadRule("images", MAX_BATCH_IMAGES, 4 * MAX_UPLOAD),
     },
 )
-Mp2aService.mount_asgi_app(Starlette(routes=[Route("/model", _model_route, methods=["GET"])]))
+Mp2aService.mount_asgi_app(
+    Starlette(
+        routes=[
+            Route("/model", _model_route, methods=["GET"]),
+            Route("/rollback", _rollback_route, methods=["POST"]),
+            Route("/adapt", _adapt_route, methods=["POST"]),
+            Route("/adapt/status", _adapt_status_route, methods=["GET"]),
+        ]
+    )
+)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
+import shutil
 import struct
 import time
 import zlib
@@ -19,7 +21,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from mp2a import versions
 from mp2a.artifact import load_artifact
+from mp2a.head import Head
 from mp2a.preprocess import load_image, preprocess_batch
 from mp2a.runtime import OrtEncoder
 
@@ -233,6 +237,150 @@ def test_served_images_end_up_in_the_traffic_store(run_dir, images, tmp_path, mo
     probs = art.head.probs(got.embeddings)  # (N, C): the stored embeddings give the answers
     for p, b in zip(probs, served, strict=True):
         assert_matches(b, p, art.classes, tol=1e-5)
+
+
+# ------------------------------------------------------------------ versions and admin
+
+TOKEN = "test-admin-token"
+
+
+@pytest.fixture
+def versioned_run(run_dir, tmp_path) -> Path:
+    """A private copy of the street artifact: publishing must not touch the shared one."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def embeddings(run_dir, images) -> np.ndarray:
+    """(N, D) offline embeddings of `images` (the encoder never changes between versions)."""
+    art = load_artifact(run_dir)
+    enc = OrtEncoder(run_dir / "export" / "image_encoder.onnx", ["CPUExecutionProvider"])
+    return enc(preprocess_batch([load_image(f) for f in images], art.preprocessing))
+
+
+def permuted_head(run: Path, shift: int = 1) -> Head:
+    """The base head with its class rows rotated: clearly different answers."""
+    h = load_artifact(run).head
+    return Head(np.roll(h.weight, shift, axis=1), h.logit_scale * 0.9)
+
+
+def wait_version(c: TestClient, image: bytes, version: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = post_image(c, image).json()
+        if body["model_version"] == version or time.monotonic() > deadline:
+            assert body["model_version"] == version, body
+            return body
+        time.sleep(0.05)
+
+
+def served_version_series(c: TestClient) -> dict[str, float]:
+    text = c.get("/metrics").text
+    fam = next(
+        f for f in text_string_to_metric_families(text) if f.name == "mp2a_model_version_info"
+    )
+    return {s.labels["version"]: s.value for s in fam.samples}
+
+
+def test_published_version_is_served_and_rolled_back_over_http(
+    versioned_run, images, embeddings, monkeypatch
+):
+    monkeypatch.setenv("MP2A_ADMIN_TOKEN", TOKEN)
+    base = load_artifact(versioned_run)
+    new = permuted_head(versioned_run)
+    data = images[0].read_bytes()
+    with make_client(versioned_run) as c:
+        assert post_image(c, data).json()["model_version"] == "1"
+        assert versions.publish(versioned_run, new, {"note": "test"}, decision={"ok": 1}) == 2
+        wait_version(c, data, "2")
+        for f, e in zip(images[:8], embeddings[:8], strict=True):
+            body = post_image(c, f.read_bytes()).json()
+            assert body["model_version"] == "2"
+            assert_matches(body, new.probs(e[None])[0], base.classes)
+        info = c.get("/model").json()
+        assert info["version"] == "2" and info["previous_versions"] == ["1"]
+        assert info["metrics"] == {"note": "test"} and info["decision"] == {"ok": 1}
+        assert served_version_series(c) == {"1": 0.0, "2": 1.0}
+
+        assert c.post("/rollback").status_code == 401
+        wrong = c.post("/rollback", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "MP2A_ADMIN_TOKEN" in wrong.json()["error"]
+        assert c.post("/rollback", headers={"Authorization": TOKEN}).status_code == 401
+        assert versions.current(versioned_run) == 2
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = c.post("/rollback", headers=auth)
+        assert r.status_code == 200 and r.json() == {"version": "1", "previous": "2"}
+        body = post_image(c, images[0].read_bytes()).json()  # at once in this worker
+        assert body["model_version"] == "1"
+        assert_matches(body, base.head.probs(embeddings[:1])[0], base.classes)
+        assert c.get("/model").json()["previous_versions"] == []
+        assert served_version_series(c) == {"1": 1.0, "2": 0.0}
+        again = c.post("/rollback", headers=auth)
+        assert again.status_code == 409 and "nothing to roll back" in again.json()["error"]
+
+
+def test_admin_endpoints_are_disabled_without_the_token_env(versioned_run, monkeypatch):
+    monkeypatch.delenv("MP2A_ADMIN_TOKEN", raising=False)
+    versions.publish(versioned_run, permuted_head(versioned_run), {})
+    with make_client(versioned_run) as c:
+        assert c.get("/model").json()["version"] == "2"  # a restart serves CURRENT
+        for route in ("/rollback", "/adapt"):
+            r = c.post(route, headers={"Authorization": "Bearer anything"})
+            assert r.status_code == 403, route
+            assert "MP2A_ADMIN_TOKEN" in r.json()["error"]
+        status = c.get("/adapt/status").json()
+        assert status["state"] == "idle" and status["pending_request"] is None
+    assert versions.current(versioned_run) == 2
+
+
+def test_adapt_request_is_written_for_the_worker(versioned_run, monkeypatch):
+    monkeypatch.setenv("MP2A_ADMIN_TOKEN", TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with make_client(versioned_run) as c:
+        assert c.post("/adapt").status_code == 401
+        r = c.post("/adapt", headers=auth)
+        assert r.status_code == 202 and "worker" in r.json()["message"]
+        written = json.loads((versioned_run / "versions" / "adapt_request.json").read_text())
+        assert written["id"] == r.json()["id"] and written["serving_version"] == "1"
+        assert c.get("/adapt/status").json()["pending_request"]["id"] == written["id"]
+        status = {"state": "rejected", "reason": "source accuracy dropped 7 pts"}
+        (versioned_run / "versions" / "adapt_status.json").write_text(json.dumps(status))
+        got = c.get("/adapt/status").json()
+        assert got["state"] == "rejected" and got["reason"] == status["reason"]
+
+
+def test_requests_during_swaps_all_succeed_with_their_versions_answer(
+    versioned_run, images, embeddings
+):
+    """Clients hammer /predict while versions are published and rolled back underneath:
+    no request fails, and each answer is exactly the head of the version it reports."""
+    base = load_artifact(versioned_run)
+    heads = {"1": base.head}
+    work = list(zip(images, embeddings, strict=True)) * 6
+    stop = time.monotonic() + 60
+
+    def one(item: tuple[Path, np.ndarray]) -> tuple[np.ndarray, dict, int]:
+        f, e = item
+        r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
+        return e, (r.json() if r.status_code == 200 else {"error": r.text}), r.status_code
+
+    with make_client(versioned_run) as c, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, item) for item in work]
+        for shift in (1, 2, 3):
+            h = permuted_head(versioned_run, shift)
+            heads[str(versions.publish(versioned_run, h, {"shift": shift}))] = h
+            time.sleep(0.6)  # a watcher period
+        versions.rollback(versioned_run)
+        results = [fu.result(timeout=max(1.0, stop - time.monotonic())) for fu in futures]
+        seen = set()
+        for e, body, status in results:
+            assert status == 200, body
+            seen.add(body["model_version"])
+            assert_matches(body, heads[body["model_version"]].probs(e[None])[0], base.classes)
+        wait_version(c, images[0].read_bytes(), "3")
+    assert len(seen) >= 2, f"the swaps must happen while requests run: {seen}"
 
 
 # ------------------------------------------------------------------ malformed input

@@ -145,6 +145,93 @@ def test_bad_input_over_a_real_socket_keeps_the_server_up(server):
         assert c.get("/livez").status_code == 200
 
 
+def test_real_server_hot_swaps_a_published_version_and_rolls_back(run_dir, expected, tmp_path):
+    """`mp2a serve` with MP2A_ADMIN_TOKEN: a version published by another process is served
+    by the running worker (answers equal the new head's), POST /rollback returns to 1."""
+    from mp2a import versions
+    from mp2a.head import Head
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    art = load_artifact(run)
+    token = "server-test-token"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "MP2A_ADMIN_TOKEN": token}
+    env["MP2A_STORE"] = "off"
+    # BentoML wipes BENTOML_HOME/prometheus_multiproc_dir when a server starts: a home of its
+    # own keeps these servers from wiping the metrics of the module's running server
+    env["BENTOML_HOME"] = str(tmp_path / "bentoml-home")
+    # offline: (C,) probabilities of the base head for each image -> the new head's
+    enc = OrtEncoder(run / "export" / "image_encoder.onnx", ["CPUExecutionProvider"])
+    files = list(expected)[:6]
+    emb = enc(preprocess_batch([Image.open(f).convert("RGB") for f in files], art.preprocessing))
+    new = Head(np.roll(art.head.weight, 3, axis=1), art.head.logit_scale)
+    log = tmp_path / "serve.log"
+    with (
+        process([*cmd, "--port", str(port)], env, log, url + "/readyz"),
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
+
+        def predict(f: Path) -> dict:
+            r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert predict(files[0])["model_version"] == "1"
+        assert versions.publish(run, new, {"note": "published by the test"}) == 2
+        deadline = time.time() + 15
+        while predict(files[0])["model_version"] != "2":
+            assert time.time() < deadline, "the server never swapped to version 2"
+            time.sleep(0.1)
+        for f, e in zip(files, emb, strict=True):
+            body = predict(f)
+            assert body["model_version"] == "2"
+            check(body, new.probs(e[None])[0], art.classes)
+        info = c.get("/model").json()
+        assert info["version"] == "2" and info["previous_versions"] == ["1"]
+        assert c.post("/rollback").status_code == 401
+        r = c.post("/rollback", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["version"] == "1", r.text
+        for f in files:
+            body = predict(f)
+            assert body["model_version"] == "1"
+            check(body, expected[f], art.classes)
+        metrics = c.get("/metrics").text
+        assert 'mp2a_model_version_info{backbone="tiny-digits",version="1"} 1.0' in metrics
+    assert versions.current(run) == 1
+
+    # kill -9 of the whole server (workers included) serving version 3, with a crashed
+    # publisher's partial folder 4 beside it: a restart serves 3, complete and verified
+    assert versions.publish(run, new, {"note": "again"}) == 3
+    (run / "versions" / "4").mkdir()
+    (run / "versions" / "4" / "head.safetensors").write_bytes(b"half")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "killed.log", "wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: SIGKILL reaches the workers too
+        )
+        try:
+            wait_http(url + "/readyz", proc, tmp_path / "killed.log")
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process([*cmd, "--port", str(port)], env, tmp_path / "restart.log", url + "/readyz"):
+        r = httpx.post(url + "/predict", files={"image": (files[0].name, files[0].read_bytes())})
+        assert r.status_code == 200 and r.json()["model_version"] == "3", r.text
+        check(r.json(), new.probs(emb[:1])[0], art.classes)
+
+
 PROMETHEUS = shutil.which("prometheus")
 
 

@@ -1,0 +1,361 @@
+"""Versions of a served artifact: heads published over time, one of them served (DESIGN.md §1).
+
+Layout inside the artifact folder RUN (version 1 is RUN itself, never copied):
+
+    RUN/versions/<N>/            version N >= 2, a complete artifact (load_artifact reads it):
+        manifest.json            RUN's manifest with version N, parent_version, created_at,
+                                 method, decision (the gate's figures) and its own checksums
+        head.safetensors         the new head (kilobytes)
+        prompts.safetensors      the prompts that produced it (when given)
+        metrics.json
+        source_features.safetensors  a hard link to RUN's (a copy where links are refused):
+                                 re-adaptation changes only the head, never the encoders
+        rolled_back.json         written by `rollback`: this version was withdrawn
+    RUN/versions/CURRENT         {"version": N}: the served version, replaced atomically
+    RUN/versions/.lock           flock held by publish / rollback / prune
+    RUN/versions/.tmp-*          a publish in progress (or one that crashed: removed later)
+
+Crash safety: a version is written into a temporary folder (every file fsynced), renamed to
+`versions/<N>` and only then does CURRENT move (temp file + fsync + os.replace + fsync of the
+folder). A kill at any point leaves CURRENT naming the old or the new complete version.
+`load_current` verifies every checksum; when CURRENT is damaged or names a version that fails
+verification it serves the newest complete version that was not rolled back (RUN itself last).
+
+The encoder (RUN/export/) belongs to the base artifact: a version never carries its own.
+Configuration: MP2A_KEEP_VERSIONS (default 5) version folders are kept; the served one and
+version 1 are never deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mp2a.artifact import (
+    FORMAT_VERSION,
+    HEAD_FILE,
+    MANIFEST,
+    METRICS_FILE,
+    PROMPTS_FILE,
+    SOURCE_FEATURES_FILE,
+    Artifact,
+    fsync_dir,
+    load_artifact,
+    save_tensors,
+    sha256_file,
+    write_bytes,
+    write_json,
+)
+from mp2a.errors import ArtifactError
+from mp2a.head import Head
+
+log = logging.getLogger(__name__)
+
+VERSIONS_DIR = "versions"
+CURRENT = "CURRENT"
+ROLLED_BACK = "rolled_back.json"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+BASE_VERSION = 1
+DEFAULT_KEEP = 5
+
+
+def versions_dir(run: Path | str) -> Path:
+    return Path(run) / VERSIONS_DIR
+
+
+def current_file(run: Path | str) -> Path:
+    """The pointer file; its (inode, mtime, size) changes on every publish or rollback."""
+    return versions_dir(run) / CURRENT
+
+
+def keep_versions() -> int:
+    raw = os.environ.get("MP2A_KEEP_VERSIONS", "")
+    try:
+        keep = int(raw) if raw else DEFAULT_KEEP
+    except ValueError:
+        raise ArtifactError(f"MP2A_KEEP_VERSIONS={raw!r} is not an integer") from None
+    if keep < 1:
+        raise ArtifactError(f"MP2A_KEEP_VERSIONS must be >= 1, got {keep}")
+    return keep
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def version_path(run: Path | str, version: int) -> Path:
+    return Path(run) if version == BASE_VERSION else versions_dir(run) / str(version)
+
+
+def _folders(run: Path) -> list[int]:
+    """Version numbers that have a folder (complete or not), ascending."""
+    d = versions_dir(run)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _rolled_back(run: Path, version: int) -> bool:
+    return version != BASE_VERSION and (version_path(run, version) / ROLLED_BACK).is_file()
+
+
+def _read_pointer(run: Path) -> int | None:
+    """The version CURRENT names, or None when it is absent or unreadable."""
+    try:
+        data = json.loads(current_file(run).read_text())
+        return int(data["version"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+        log.warning("%s is damaged (%s); falling back to the newest complete version", run, e)
+        return None
+
+
+def _load(run: Path, version: int) -> Artifact:
+    art = load_artifact(version_path(run, version))
+    if art.version != version:
+        raise ArtifactError(
+            f"{art.path} says it is version {art.version}, its folder says {version}"
+        )
+    return art
+
+
+def load_version(run: Path | str, version: int) -> Artifact:
+    """One version, checksum-verified; raises ArtifactError naming what is wrong."""
+    return _load(Path(run), version)
+
+
+def load_current(run: Path | str) -> Artifact:
+    """The served version, verified. If CURRENT is missing, damaged or names a version that
+    fails verification: the newest complete version not rolled back, RUN itself last."""
+    run = Path(run)
+    pointed = _read_pointer(run)
+    if pointed is not None:
+        try:
+            return _load(run, pointed)
+        except ArtifactError as e:
+            log.warning(
+                "CURRENT names version %s, which fails to load (%s); falling back", pointed, e
+            )
+    if pointed is None and not current_file(run).exists():
+        return _load(run, BASE_VERSION)  # never published: RUN itself
+    for v in reversed(_folders(run)):
+        if v == pointed or _rolled_back(run, v):
+            continue
+        try:
+            return _load(run, v)
+        except ArtifactError as e:
+            log.warning("version %s is incomplete or damaged (%s); skipping it", v, e)
+    return _load(run, BASE_VERSION)
+
+
+def current(run: Path | str) -> int:
+    """The version `load_current` serves."""
+    return load_current(run).version
+
+
+@contextlib.contextmanager
+def _locked(run: Path) -> Iterator[Path]:
+    d = versions_dir(run)
+    d.mkdir(exist_ok=True)
+    with open(d / LOCK, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield d
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _point(run: Path, version: int) -> None:
+    """Move CURRENT to `version` atomically (temp file + fsync + os.replace + dir fsync)."""
+    d = versions_dir(run)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + "current-", dir=d)
+    os.close(fd)
+    try:
+        write_json(Path(tmp), {"version": version, "updated_at": _now()})
+        os.replace(tmp, d / CURRENT)
+        fsync_dir(d)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _clean_tmp(d: Path) -> None:
+    """Remove what crashed publishers left (only called under the lock)."""
+    for p in d.iterdir():
+        if p.name.startswith(TMP_PREFIX):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def publish(
+    run: Path | str,
+    head: Head,
+    metrics: dict,
+    parent: int | None = None,
+    prompts: dict[str, np.ndarray] | None = None,
+    decision: dict | None = None,
+    method: str = "online",
+) -> int:
+    """Write `head` as version N+1 (complete, checksummed, `parent` recorded; default: the
+    served version), then make it the served one. Returns N+1. Safe against concurrent
+    publishers (a file lock) and against a kill at any point (see the module docstring)."""
+    run = Path(run)
+    base = load_artifact(run)
+    if head.num_classes != len(base.classes) or head.dim != base.backbone.embed_dim:
+        raise ArtifactError(
+            f"head shape (C={head.num_classes}, D={head.dim}) does not fit {run}: it has "
+            f"{len(base.classes)} classes and embed_dim {base.backbone.embed_dim}"
+        )
+    with _locked(run) as d:
+        _clean_tmp(d)
+        if parent is None:
+            parent = current(run)
+        else:
+            _load(run, parent)  # the parent must exist and be complete
+        version = max([BASE_VERSION, *_folders(run)]) + 1
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{version}-", dir=d))
+        try:
+            weight = head.weight.astype(np.float32)
+            scale = np.asarray([head.logit_scale], np.float32)
+            save_tensors(tmp / HEAD_FILE, {"weight": weight, "logit_scale": scale})
+            if prompts is not None:
+                save_tensors(tmp / PROMPTS_FILE, prompts)
+            write_json(tmp / METRICS_FILE, metrics)
+            _link_or_copy(run / SOURCE_FEATURES_FILE, tmp / SOURCE_FEATURES_FILE)
+            files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = {
+                **base.manifest,
+                "format_version": FORMAT_VERSION,
+                "version": version,
+                "parent_version": parent,
+                "created_at": _now(),
+                "method": method,
+                "decision": decision,
+                "files": files,
+            }
+            if prompts is None:
+                manifest["prompt"] = None
+            write_json(tmp / MANIFEST, manifest)
+            fsync_dir(tmp)
+            os.rename(tmp, d / str(version))
+            fsync_dir(d)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _point(run, version)
+        _prune(run, version)
+    log.info("published version %s of %s (parent %s)", version, run, parent)
+    return version
+
+
+def rollback(run: Path | str) -> int:
+    """Serve the served version's parent again (or, if it is gone, the newest complete older
+    version) and mark the withdrawn one rolled back. Returns the version now served."""
+    run = Path(run)
+    with _locked(run):
+        served = load_current(run)
+        if served.version == BASE_VERSION:
+            raise ArtifactError(
+                f"{run} serves version 1, the original artifact: nothing to roll back"
+            )
+        parent = served.manifest.get("parent_version")
+        older = [v for v in reversed(_folders(run)) if v < served.version]
+        candidates = [parent] if parent is not None else []
+        candidates += [
+            v for v in [*older, BASE_VERSION] if v != parent and not _rolled_back(run, v)
+        ]
+        for v in candidates:
+            try:
+                _load(run, int(v))
+            except ArtifactError as e:
+                log.warning("cannot roll back to version %s (%s)", v, e)
+                continue
+            write_bytes(
+                served.path / ROLLED_BACK,
+                json.dumps({"at": _now(), "to": int(v)}).encode(),
+            )
+            _point(run, int(v))
+            log.info("rolled %s back from version %s to %s", run, served.version, v)
+            return int(v)
+    raise ArtifactError(f"{run}: no complete version to roll back to")
+
+
+def _prune(run: Path, served: int) -> None:
+    """Keep the newest MP2A_KEEP_VERSIONS version folders, the served one always."""
+    folders = _folders(run)
+    for v in folders[: max(0, len(folders) - keep_versions())]:
+        if v not in (served, BASE_VERSION):
+            shutil.rmtree(version_path(run, v), ignore_errors=True)
+            log.info("pruned version %s of %s", v, run)
+
+
+def history(run: Path | str, served: int | None = None) -> list[dict]:
+    """Every kept version, newest first: version, parent, created_at, method, metrics,
+    decision, served, rolled_back (with when and to what), complete (files present).
+    `served` defaults to what CURRENT names."""
+    run = Path(run)
+    if served is None:
+        served = _read_pointer(run) or BASE_VERSION
+    out = []
+    for v in [*reversed(_folders(run)), BASE_VERSION]:
+        p = version_path(run, v)
+        entry: dict = {"version": v, "served": v == served, "complete": True}
+        try:
+            m = json.loads((p / MANIFEST).read_text())
+            metrics = json.loads((p / METRICS_FILE).read_text())
+        except (OSError, ValueError) as e:
+            entry.update(complete=False, error=str(e))
+            out.append(entry)
+            continue
+        entry.update(
+            parent=m.get("parent_version"),
+            created_at=m.get("created_at"),
+            method=m.get("method"),
+            metrics=metrics,
+            decision=m.get("decision"),
+            rolled_back=None,
+        )
+        if _rolled_back(run, v):
+            with contextlib.suppress(OSError, ValueError):
+                entry["rolled_back"] = json.loads((p / ROLLED_BACK).read_text())
+        out.append(entry)
+    return out
+
+
+def ancestors(run: Path | str, art: Artifact) -> list[int]:
+    """The parent chain of `art` that is still kept, nearest first."""
+    run = Path(run)
+    kept = {BASE_VERSION, *_folders(run)}
+    out: list[int] = []
+    parent = art.manifest.get("parent_version")
+    while parent is not None and int(parent) in kept and int(parent) not in out:
+        out.append(int(parent))
+        try:
+            m = json.loads((version_path(run, int(parent)) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            break
+        parent = m.get("parent_version")
+    return out

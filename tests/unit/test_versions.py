@@ -1,0 +1,218 @@
+"""The version store on real files: publish, rollback, history, pruning, and crashes
+(partial folders, damaged CURRENT, real SIGKILLs of a publishing process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mp2a import versions
+from mp2a.artifact import (
+    HEAD_FILE,
+    SOURCE_FEATURES_FILE,
+    ArtifactContents,
+    Backbone,
+    load_artifact,
+    write_artifact,
+)
+from mp2a.errors import ArtifactError
+from mp2a.head import Head, l2_normalize
+from mp2a.preprocess import PreprocessSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A small real artifact (3 classes, D=8): version 1."""
+    rng = np.random.default_rng(0)
+    c = ArtifactContents(
+        backbone=Backbone("tiny-digits", None, "ab" * 32, 8),
+        classes=["zero", "one", "two"],
+        preprocessing=PreprocessSpec(32),
+        head=head(0),
+        method="zeroshot",
+        source_features={
+            "features": rng.normal(size=(5, 8)).astype(np.float32),
+            "labels": np.arange(5, dtype=np.int64) % 3,
+            "domains": np.zeros(5, np.int64),
+        },
+        source_domains=["printed"],
+        target_domain="street",
+        metrics={"method": "zeroshot"},
+    )
+    return write_artifact(tmp_path / "run", c)
+
+
+def head(seed: int) -> Head:
+    w = l2_normalize(np.random.default_rng(seed).normal(size=(2, 3, 8)).astype(np.float32))
+    return Head(w, 40.0 + seed)
+
+
+def test_unpublished_run_serves_itself(run):
+    assert versions.current(run) == 1
+    assert versions.load_current(run).path == run
+    [only] = versions.history(run)
+    assert only["version"] == 1 and only["served"] and only["parent"] is None
+
+
+def test_publish_writes_a_complete_version_and_moves_current(run):
+    h = head(1)
+    prompts = {"ctx": np.ones((4, 8), np.float32)}
+    v = versions.publish(run, h, {"acc": 0.9}, decision={"accepted": True}, prompts=prompts)
+    assert v == 2 and versions.current(run) == 2
+    art = load_artifact(run / "versions" / "2")  # a complete artifact on its own
+    np.testing.assert_array_equal(art.head.weight, h.weight)
+    assert art.head.logit_scale == pytest.approx(41.0)
+    assert art.manifest["parent_version"] == 1 and art.manifest["decision"] == {"accepted": True}
+    assert art.classes == load_artifact(run).classes and art.metrics() == {"acc": 0.9}
+    assert "prompts.safetensors" in art.manifest["files"]
+    # the big source features are shared with the base, not copied
+    base_sf, new_sf = run / SOURCE_FEATURES_FILE, art.path / SOURCE_FEATURES_FILE
+    assert os.stat(base_sf).st_ino == os.stat(new_sf).st_ino
+    assert not (art.path / "export").exists()
+    assert json.loads((run / "versions" / "CURRENT").read_text())["version"] == 2
+    assert versions.publish(run, head(2), {}) == 3
+    assert versions.load_current(run).manifest["parent_version"] == 2
+    hist = versions.history(run)
+    assert [e["version"] for e in hist] == [3, 2, 1]
+    assert [e["served"] for e in hist] == [True, False, False]
+    assert hist[1]["metrics"] == {"acc": 0.9} and hist[0]["parent"] == 2
+    assert versions.ancestors(run, versions.load_current(run)) == [2, 1]
+
+
+def test_publish_refuses_a_head_of_another_shape(run):
+    bad = Head(l2_normalize(np.ones((1, 4, 8), np.float32)), 10.0)
+    with pytest.raises(ArtifactError, match="does not fit"):
+        versions.publish(run, bad, {})
+    assert versions.current(run) == 1
+
+
+def test_rollback_goes_to_the_parent_and_marks_the_withdrawn_version(run):
+    with pytest.raises(ArtifactError, match="nothing to roll back"):
+        versions.rollback(run)
+    versions.publish(run, head(1), {})
+    versions.publish(run, head(2), {})
+    assert versions.rollback(run) == 2
+    assert versions.current(run) == 2
+    assert versions.rollback(run) == 1
+    hist = {e["version"]: e for e in versions.history(run)}
+    assert hist[3]["rolled_back"]["to"] == 2 and hist[2]["rolled_back"]["to"] == 1
+    assert hist[1]["served"]
+    # numbers are never reused: the next publish is 4, child of the served version
+    assert versions.publish(run, head(3), {}) == 4
+    assert versions.load_current(run).manifest["parent_version"] == 1
+
+
+def test_keep_last_k_never_deletes_the_served_version_or_the_base(run, monkeypatch):
+    def kept() -> list[int]:
+        return sorted(int(p.name) for p in (run / "versions").iterdir() if p.name.isdigit())
+
+    monkeypatch.setenv("MP2A_KEEP_VERSIONS", "2")
+    for i in range(4):
+        versions.publish(run, head(i), {})
+    assert kept() == [4, 5]
+    assert versions.rollback(run) == 4
+    assert versions.publish(run, head(9), {}) == 6  # child of 4; 4 is no longer served
+    assert kept() == [5, 6]
+    monkeypatch.setenv("MP2A_KEEP_VERSIONS", "1")
+    # 6's parent 4 is pruned and 5 was rolled back: the base is what is left
+    assert versions.rollback(run) == 1
+    assert kept() == [5, 6]  # a rollback prunes nothing
+    assert versions.publish(run, head(10), {}) == 7
+    assert kept() == [7]
+    assert load_artifact(run).version == 1  # the base stays whatever K is
+    versions.rollback(run)
+    versions.publish(run, head(11), {})  # 8, keeps only itself; 1 is RUN
+    assert kept() == [8] and versions.current(run) == 8
+    monkeypatch.setenv("MP2A_KEEP_VERSIONS", "0")
+    with pytest.raises(ArtifactError, match="MP2A_KEEP_VERSIONS"):
+        versions.publish(run, head(12), {})
+
+
+def test_partial_version_folder_is_never_served(run):
+    versions.publish(run, head(1), {})
+    # publish renames only complete folders, but a stray incomplete one (a copy by hand,
+    # disk trouble) must never be served, nor a crashed publisher's temp folder
+    partial = run / "versions" / "3"
+    partial.mkdir()
+    (partial / HEAD_FILE).write_bytes(b"half a head")
+    tmp = run / "versions" / ".tmp-4-crashed"
+    tmp.mkdir()
+    (tmp / HEAD_FILE).write_bytes(b"x")
+    assert versions.current(run) == 2
+    (run / "versions" / "CURRENT").write_bytes(b'{"vers')  # damaged pointer
+    art = versions.load_current(run)
+    assert art.version == 2  # newest complete version, the partial 3 skipped
+    v = versions.publish(run, head(2), {})  # cleans the crashed temp folder
+    assert v == 4 and not tmp.exists() and versions.current(run) == 4
+
+
+def test_damaged_current_and_damaged_versions_fall_back_to_a_verified_one(run):
+    versions.publish(run, head(1), {})
+    versions.publish(run, head(2), {})
+    cur = run / "versions" / "CURRENT"
+    cur.write_bytes(b"\x00\xff garbage")
+    assert versions.load_current(run).version == 3
+    cur.write_text('{"version": 99}')  # names a version that does not exist
+    assert versions.load_current(run).version == 3
+    cur.write_text('{"version": 3}')
+    h3 = run / "versions" / "3" / HEAD_FILE
+    h3.write_bytes(h3.read_bytes()[:-4] + b"oops")  # fails its checksum
+    assert versions.load_current(run).version == 2
+    with pytest.raises(ArtifactError, match="sha256"):
+        versions.load_version(run, 3)
+    # no pointer at all: the first publish crashed before moving it, so RUN is what was served
+    cur.unlink()
+    assert versions.load_current(run).version == 1
+
+
+PUBLISHER = textwrap.dedent(
+    """\
+    import sys, numpy as np
+    from mp2a import versions
+    from mp2a.head import Head, l2_normalize
+    run, i = sys.argv[1], 0
+    print("ready", flush=True)
+    while True:
+        w = l2_normalize(np.random.default_rng(i).normal(size=(2, 3, 8)).astype(np.float32))
+        versions.publish(run, Head(w, 50.0), {"i": i})
+        i += 1
+    """
+)
+
+
+def test_sigkill_mid_publish_leaves_a_verified_current(run, tmp_path, monkeypatch):
+    """A real process publishing in a loop, killed with SIGKILL at varied moments: each time
+    CURRENT names (or load_current finds) a complete, checksum-verified version."""
+    monkeypatch.setenv("MP2A_KEEP_VERSIONS", "3")
+    script = tmp_path / "publisher.py"
+    script.write_text(PUBLISHER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    seen = set()
+    for delay in (0.05, 0.13, 0.21, 0.37, 0.5):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(run)], env=env, stdout=subprocess.PIPE
+        )
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        art = versions.load_current(run)  # verifies every checksum or raises
+        pointed = json.loads((run / "versions" / "CURRENT").read_text())["version"]
+        assert art.version == pointed
+        seen.add(art.version)
+        kept = [p for p in (run / "versions").iterdir() if p.name.isdigit()]
+        assert len(kept) <= 4  # K, plus at most one renamed before the crash could prune
+    assert max(seen) > 2, "the publisher must have published before being killed"
+    versions.publish(run, head(5), {})  # the store is usable after the crashes
+    assert not [p for p in (run / "versions").iterdir() if p.name.startswith(".tmp-")]
