@@ -78,6 +78,29 @@ MODELS = {
 # ---------------------------------------------------------------- artifacts
 
 
+def _save_model_folder(lm, model: str, folder: Path) -> Path:
+    """An open_clip model folder (config + safetensors) holding `lm`'s weights."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = lm.preprocess
+    config = {
+        "model_cfg": open_clip.get_model_config(model),
+        "preprocess_cfg": {
+            "size": spec.image_size,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "interpolation": spec.interpolation,
+            "resize_mode": spec.resize_mode,
+        },
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in lm.model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
 def build_artifact(out: Path, model: str, pretrained: str | None, int8: bool = False) -> Path:
     """An artifact for `model` with a random head and its encoder exported to ONNX (and
     quantized to int8 when asked)."""
@@ -87,6 +110,8 @@ def build_artifact(out: Path, model: str, pretrained: str | None, int8: bool = F
     from mp2a.head import Head, l2_normalize
 
     lm = load_model(model, pretrained)
+    if pretrained == "random":  # save the draw, so the torch backend loads these same weights
+        lm = load_model(str(_save_model_folder(lm, model, out.parent / f"{model}-weights")))
     d = lm.backbone.embed_dim
     rng = np.random.default_rng(0)
     weight = l2_normalize(rng.normal(size=(1, len(CLASSES), d))).astype(np.float32)  # (S, C, D)

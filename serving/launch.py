@@ -68,6 +68,53 @@ def serve_env(run: Path, backend: str, precision: str = "fp32") -> dict[str, str
     return env
 
 
+def bentoml_prometheus_dir() -> str:
+    """The multiprocess directory `bentoml serve` gives its workers (BENTOML_HOME's); the
+    adaptation worker writes its mp2a_adaptation_* metrics there so /metrics shows them."""
+    home = os.environ.get("BENTOML_HOME", os.path.join(os.path.expanduser("~"), "bentoml"))
+    return os.path.join(home, "prometheus_multiproc_dir")
+
+
+def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str] | None:
+    """`python -m serving.worker …` as MP2A_ONLINE=1 configures it; None when the traffic
+    store is off (nothing to adapt on). MP2A_ADAPT_INTERVAL_S (default 3600) and
+    MP2A_ADAPT_MIN_NEW (default 10000) set the schedule; POST /adapt always works."""
+    env = os.environ if environ is None else environ
+    store = env.get("MP2A_STORE", "").strip()
+    if store.lower() == "off":
+        log.warning("MP2A_ONLINE=1 but MP2A_STORE=off: no adaptation worker (no traffic kept)")
+        return None
+    store_path = Path(store).resolve() if store else run.resolve() / "traffic.sqlite"
+    cmd = [sys.executable, "-m", "serving.worker", str(run.resolve()), "--store", str(store_path)]
+    cmd += ["--interval", env.get("MP2A_ADAPT_INTERVAL_S", "").strip() or "3600"]
+    cmd += ["--min-new", env.get("MP2A_ADAPT_MIN_NEW", "").strip() or "10000"]
+    return cmd
+
+
+def start_worker(run: Path) -> subprocess.Popen | None:
+    """The adaptation worker as a sibling process of `bentoml serve` (MP2A_ONLINE=1)."""
+    if os.environ.get("MP2A_ONLINE", "").strip() != "1":
+        return None
+    cmd = worker_command(run)
+    if cmd is None:
+        return None
+    env = dict(os.environ)
+    env["PROMETHEUS_MULTIPROC_DIR"] = bentoml_prometheus_dir()
+    print("mp2a: online adaptation worker: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT))
+
+
+def stop_worker(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def serve(
     run: Path,
     port: int = 3000,
@@ -92,6 +139,7 @@ def serve(
         flush=True,
     )
     proc = subprocess.Popen(serve_command(port, host), env=serve_env(run, backend, precision))
+    worker = start_worker(run)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -101,3 +149,5 @@ def serve(
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+    finally:
+        stop_worker(worker)

@@ -180,9 +180,9 @@ def _adapt_route(request: Request) -> Response:
     except OSError as e:
         return JSONResponse({"error": f"cannot write {path}: {e}"}, status_code=500)
     message = (
-        f"re-adaptation requested ({path}); an adaptation worker must be running to pick it "
-        "up. This release does not ship the worker yet: until it does, nothing runs and "
-        "GET /adapt/status stays as it is"
+        f"re-adaptation requested ({path}); the adaptation worker picks it up (started by "
+        "`MP2A_ONLINE=1 mp2a serve`, or `python -m serving.worker RUN`); follow it with "
+        "GET /adapt/status"
     )
     return JSONResponse({"status": "requested", **req, "message": message}, status_code=202)
 

@@ -1,0 +1,412 @@
+"""The online adaptation worker: re-adapt the served head on stored traffic, gate, publish.
+
+Runs in its own process (`python -m serving.worker RUN --store PATH`), never inside a serving
+worker. This module imports neither torch nor adapt at module level: the training stack is
+imported inside `run_once`, so the serving process may import the module (e.g. for its
+constants) and stay torch-free.
+
+One run (`run_once`):
+  1. the newest `max_samples` traffic embeddings from the TrafficStore;
+  2. the served version (`versions.load_current`): its head, source_features.safetensors
+     (features, labels, domains) and prompts (prompts.safetensors; a zero-shot artifact has
+     none: the prompt learner starts from the hand template in metrics.json);
+  3. the artifact's frozen model (`adapt.models.load_backbone`) and a MultiPromptLearner with
+     one prompt pair per source domain, loaded from the serving prompts when they exist;
+  4. MP²A (`adapt.progressive.fit`, mode mp2a, a short schedule) on every row but a held-out
+     slice (every 5th source row and every 5th traffic row), starting from the serving head's
+     probabilities as pseudo-labels;
+  5. the quality gate (serving/gate.py) on the held-out slices; accepted → `versions.publish`
+     (parent = the served version, the gate's figures as `decision`); rejected → nothing is
+     published.
+Every step is reported in RUN/versions/adapt_status.json (written atomically):
+running → accepted | rejected | failed, with reasons and figures.
+
+The loop (`loop`, the CLI) starts a run when RUN/versions/adapt_request.json appears (POST
+/adapt writes it; the worker takes it with an atomic rename), every `interval` seconds, and/or
+when `min_new` samples arrived since the last run. With PROMETHEUS_MULTIPROC_DIR set to the
+server's directory, outcomes and durations land in mp2a_adaptation_runs_total{outcome} and
+mp2a_adaptation_duration_seconds next to the serving metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mp2a import versions
+from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact
+from mp2a.head import Head
+from serving import gate
+from serving.metrics import ServingMetrics
+from serving.store import StoreConfig, TrafficStore, connect
+
+log = logging.getLogger(__name__)
+
+ADAPT_STATUS = "adapt_status.json"  # the same names serving/service.py uses
+ADAPT_REQUEST = "adapt_request.json"
+TAKEN_PREFIX = ".taken-"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    max_samples: int = 10_000  # newest stored embeddings used per run
+    min_samples: int = 50  # fewer stored samples: the run fails (a request) or waits (schedule)
+    stages: int = 3
+    steps_per_stage: int = 60
+    r0: float = 0.3
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    gate: gate.GateConfig = field(default_factory=gate.GateConfig)
+
+
+def status_path(run: Path) -> Path:
+    return versions.versions_dir(run) / ADAPT_STATUS
+
+
+def request_path(run: Path) -> Path:
+    return versions.versions_dir(run) / ADAPT_REQUEST
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_status(run: Path, status: dict) -> None:
+    """Replace adapt_status.json atomically (temp file + fsync + os.replace)."""
+    d = versions.versions_dir(run)
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".status-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({**status, "updated_at": _now()}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / ADAPT_STATUS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def take_request(run: Path) -> dict | None:
+    """Consume adapt_request.json if present (atomic rename: one taker wins); its content,
+    {} when it was unreadable, None when there was none."""
+    src = request_path(run)
+    taken = src.with_name(f"{TAKEN_PREFIX}{os.getpid()}-{ADAPT_REQUEST}")
+    try:
+        os.rename(src, taken)
+    except FileNotFoundError:
+        return None
+    try:
+        req = json.loads(taken.read_text())
+        return req if isinstance(req, dict) else {}
+    except (OSError, ValueError):
+        return {}
+    finally:
+        taken.unlink(missing_ok=True)
+
+
+def _metrics() -> ServingMetrics | None:
+    """The shared mp2a_* metrics when the server's multiprocess directory is known."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return None
+    from serving.metrics import get_metrics
+
+    return get_metrics()
+
+
+def _prompt_state(art: Artifact) -> tuple[dict | None, str | None]:
+    """(prompt tensors or None, template or None) of a served version."""
+    metrics = art.metrics()
+    cfg = art.manifest.get("prompt") or metrics.get("prompt") or {}
+    template = cfg.get("template") or metrics.get("template")
+    if PROMPTS_FILE in art.manifest.get("files", {}):
+        return art.tensors(PROMPTS_FILE), template
+    return None, template
+
+
+def run_once(
+    run: Path | str,
+    store_path: Path | str,
+    cfg: WorkerConfig | None = None,
+    request: dict | None = None,
+) -> dict:
+    """One re-adaptation of the served version on the stored traffic; returns the final
+    status (also written to adapt_status.json). Never raises for an adaptation failure."""
+    run, cfg = Path(run), cfg or WorkerConfig()
+    t0 = time.time()
+    started = _now()
+    base = {"started_at": started, "request": request, "pid": os.getpid()}
+    write_status(run, {"state": "running", **base})
+    m = _metrics()
+    try:
+        status = _adapt(run, Path(store_path), cfg, base, t0)
+    except Exception as e:  # a failed run never touches the served version
+        log.exception("adaptation of %s failed", run)
+        status = {
+            "state": "failed",
+            **base,
+            "reasons": [f"{type(e).__name__}: {e}"],
+            "traceback": traceback.format_exc(limit=5),
+            "seconds": round(time.time() - t0, 2),
+        }
+    status["finished_at"] = _now()
+    write_status(run, status)
+    if m is not None:
+        m.adaptation_runs.labels(outcome=status["state"]).inc()
+        m.adaptation_duration.observe(time.time() - t0)
+        if status.get("pseudo_label_selected_ratio") is not None:
+            m.pseudo_label_selected_ratio.set(status["pseudo_label_selected_ratio"])
+    log.info(
+        "adaptation %s in %.1f s: %s", status["state"], status["seconds"], status.get("reasons")
+    )
+    return status
+
+
+def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float) -> dict:
+    served = versions.load_current(run)
+    dim = served.backbone.embed_dim
+    if not store_path.is_file():
+        raise FileNotFoundError(f"no traffic store at {store_path}")
+    store = TrafficStore(StoreConfig(path=store_path, dim=dim), start=False)
+    traffic = store.read(limit=cfg.max_samples).embeddings
+    if len(traffic) < cfg.min_samples:
+        raise ValueError(
+            f"{len(traffic)} stored traffic samples, need at least {cfg.min_samples}; serve "
+            "more traffic (or lower --min-samples) and retry"
+        )
+    sf = served.tensors(SOURCE_FEATURES_FILE)
+    src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
+    src_d = sf["domains"].astype(np.int64)
+    prompts, template = _prompt_state(served)
+
+    import torch
+
+    from adapt.models import load_backbone
+    from adapt.progressive import FitConfig, fit
+    from adapt.prompts import MultiPromptLearner
+
+    t_load = time.time()
+    lm = load_backbone(served.backbone)
+    classes = served.classes
+    domains = sorted(int(d) for d in np.unique(src_d))
+    if prompts is not None:
+        s, _, m2, _ = prompts["domain_ctx"].shape
+        n_class_ctx = int(prompts["class_ctx"].shape[2])
+        if s != len(domains):
+            raise ValueError(f"serving prompts have {s} source pairs, features {len(domains)}")
+        learner = MultiPromptLearner(
+            lm, classes, s, template, n_class_ctx=n_class_ctx, n_domain_ctx=int(m2)
+        )
+        learner.load_state({k: torch.from_numpy(v) for k, v in prompts.items()})
+        start = "serving prompts"
+    else:
+        if not template:
+            raise ValueError(f"{served.path} has neither prompts nor a template in metrics.json")
+        learner = MultiPromptLearner(lm, classes, len(domains), template, seed=cfg.seed)
+        start = f"hand template {template!r}"
+    load_seconds = time.time() - t_load
+
+    src_hold, tr_hold = gate.holdout_mask(len(src_y)), gate.holdout_mask(len(traffic))
+    sources = [(src_x[~src_hold & (src_d == d)], src_y[~src_hold & (src_d == d)]) for d in domains]
+    target = traffic[~tr_hold]
+    serving_head = served.head
+    fit_cfg = FitConfig(
+        stages=cfg.stages,
+        r0=cfg.r0,
+        steps_per_stage=cfg.steps_per_stage,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+    )
+    t_fit = time.time()
+    result = fit(
+        learner,
+        sources,
+        target,
+        init_probs=serving_head.probs(target),
+        logit_scale=serving_head.logit_scale,
+        cfg=fit_cfg,
+        mode="mp2a",
+        progress=False,
+    )
+    fit_seconds = time.time() - t_fit
+    candidate = Head(weight=result.head_weight, logit_scale=serving_head.logit_scale)
+    decision = gate.evaluate(
+        serving_head, candidate, src_x[src_hold], src_y[src_hold], traffic[tr_hold], cfg.gate
+    )
+    figures = {
+        "serving_version": served.version,
+        "n_traffic": len(traffic),
+        "n_traffic_train": len(target),
+        "n_source_train": int((~src_hold).sum()),
+        "start": start,
+        "load_seconds": round(load_seconds, 2),
+        "fit_seconds": round(fit_seconds, 2),
+        "per_stage": result.per_stage,
+        "pseudo_label_selected_ratio": result.per_stage[-1]["ratio"] if result.per_stage else None,
+        "gate": decision,
+    }
+    if not decision["accepted"]:
+        return {
+            "state": "rejected",
+            **base,
+            **figures,
+            "reasons": decision["reasons"],
+            "seconds": round(time.time() - t0, 2),
+        }
+    new_prompts = {k: v.numpy().astype(np.float32) for k, v in learner.state().items()}
+    metrics = {
+        "method": "online-mp2a",
+        "parent_version": served.version,
+        "template": template,
+        "prompt": {
+            "template": template,
+            "n_class_ctx": learner.n_class_ctx,
+            "n_domain_ctx": learner.n_domain_ctx,
+            "fit": dataclasses.asdict(fit_cfg),
+        },
+        "n_traffic": len(traffic),
+        "per_stage": result.per_stage,
+        "gate": decision,
+        "target_accuracy": None,  # no labels online
+        "seconds": round(time.time() - t0, 2),
+    }
+    version = versions.publish(
+        run,
+        candidate,
+        metrics,
+        parent=served.version,
+        prompts=new_prompts,
+        decision=decision,
+        method="online-mp2a",
+    )
+    return {
+        "state": "accepted",
+        **base,
+        **figures,
+        "version": version,
+        "reasons": [],
+        "seconds": round(time.time() - t0, 2),
+    }
+
+
+def _max_id(store_path: Path) -> int:
+    """The newest row id (0 when empty or absent): counts new samples without reading them."""
+    if not store_path.is_file():
+        return 0
+    try:
+        con = connect(store_path)
+        try:
+            return int(con.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        log.warning("cannot read %s: %s", store_path, e)
+        return 0
+
+
+def _rows(store_path: Path) -> int:
+    if not store_path.is_file():
+        return 0
+    try:
+        con = connect(store_path)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def loop(
+    run: Path | str,
+    store_path: Path | str,
+    cfg: WorkerConfig | None = None,
+    interval: float | None = None,
+    min_new: int | None = None,
+    poll: float = 1.0,
+    max_iterations: int | None = None,
+) -> list[dict]:
+    """Wait for work and run it: a request file, every `interval` s, or `min_new` new samples
+    since the last run (scheduled runs wait until the store holds cfg.min_samples). Returns
+    the statuses of the runs made (for tests; forever unless max_iterations)."""
+    run, store_path, cfg = Path(run), Path(store_path), cfg or WorkerConfig()
+    last_run = time.monotonic()
+    last_id = _max_id(store_path)
+    done: list[dict] = []
+    i = 0
+    while max_iterations is None or i < max_iterations:
+        if i:
+            time.sleep(poll)
+        i += 1
+        req = take_request(run)
+        reason = None
+        if req is not None:
+            reason = "request"
+        else:
+            due = interval is not None and time.monotonic() - last_run >= interval
+            newest = _max_id(store_path) if min_new is not None else 0
+            fresh = min_new is not None and newest - last_id >= min_new
+            if (due or fresh) and _rows(store_path) >= cfg.min_samples:
+                reason = "schedule" if due else "new samples"
+        if reason is None:
+            continue
+        log.info("adaptation run (%s)", reason)
+        last_id = _max_id(store_path)
+        status = run_once(run, store_path, cfg, request={"trigger": reason, **(req or {})})
+        last_run = time.monotonic()
+        done.append(status)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.worker", description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path, help="the served artifact folder")
+    p.add_argument("--store", type=Path, help="traffic store (default RUN/traffic.sqlite)")
+    p.add_argument("--interval", type=float, help="re-adapt every S seconds")
+    p.add_argument("--min-new", type=int, help="re-adapt after N new stored samples")
+    p.add_argument("--min-samples", type=int, default=WorkerConfig.min_samples)
+    p.add_argument("--max-samples", type=int, default=WorkerConfig.max_samples)
+    p.add_argument("--steps", type=int, default=WorkerConfig.steps_per_stage, help="per stage")
+    p.add_argument("--stages", type=int, default=WorkerConfig.stages)
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between checks")
+    p.add_argument("--once", action="store_true", help="run one adaptation now and exit")
+    p.add_argument("--nice", type=int, default=10, help="lower this process's CPU priority")
+    a = p.parse_args(argv)
+    if a.nice:  # training must not take the cores that serving latency needs
+        with contextlib.suppress(OSError):
+            os.nice(a.nice)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    store = a.store or a.run / "traffic.sqlite"
+    cfg = WorkerConfig(
+        max_samples=a.max_samples,
+        min_samples=a.min_samples,
+        steps_per_stage=a.steps,
+        stages=a.stages,
+    )
+    if a.once:
+        status = run_once(a.run, store, cfg, request={"trigger": "cli"})
+        print(json.dumps({k: status.get(k) for k in ("state", "reasons", "seconds")}))
+        return 0 if status["state"] != "failed" else 1
+    with contextlib.suppress(KeyboardInterrupt):
+        loop(a.run, store, cfg, interval=a.interval, min_new=a.min_new, poll=a.poll)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

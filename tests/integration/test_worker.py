@@ -1,0 +1,142 @@
+"""The adaptation worker end to end on the real tiny CLIP: a copy of the street zero-shot
+artifact, a real SQLite traffic store filled with ONNX embeddings of DigitsDA street images,
+MP²A from the hand template, the gate, publish; a failing run; the request mailbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mp2a import versions
+from mp2a.preprocess import load_image, preprocess_batch
+from mp2a.runtime import OrtEncoder
+from serving import worker
+from serving.store import StoreConfig, TrafficStore
+
+CFG = worker.WorkerConfig(min_samples=20, stages=2, steps_per_stage=15)
+
+
+@pytest.fixture(scope="module")
+def street_embeddings(street_run: Path, digits_small: Path) -> np.ndarray:
+    art = versions.load_current(street_run)
+    files = sorted((digits_small / "street").glob("*/*.png"))
+    x = preprocess_batch([load_image(f) for f in files], art.preprocessing)
+    enc = OrtEncoder(street_run / "export" / "image_encoder.onnx", threads=2)
+    return enc(x)
+
+
+@pytest.fixture
+def run(tmp_path: Path, street_run: Path) -> Path:
+    out = tmp_path / "run"
+    # only the artifact: other tests may have served (a traffic store) or published from it
+    shutil.copytree(street_run, out, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    return out
+
+
+def fill_store(run: Path, emb: np.ndarray) -> Path:
+    art = versions.load_current(run)
+    path = run / "worker-traffic.sqlite"
+    store = TrafficStore(StoreConfig(path=path, dim=art.backbone.embed_dim))
+    probs = art.head.probs(emb)
+    for e, p in zip(emb, probs, strict=True):
+        store.offer(e, int(p.argmax()), float(p.max()), str(art.version))
+    store.close()
+    assert store.count() == len(emb)
+    return path
+
+
+def read_status(run: Path) -> dict:
+    return json.loads(worker.status_path(run).read_text())
+
+
+def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
+    store = fill_store(run, street_embeddings)
+    status = worker.run_once(run, store, CFG)
+    assert read_status(run)["state"] == status["state"]
+    assert status["state"] in ("accepted", "rejected"), status
+    g = status["gate"]
+    for k in ("source_accuracy_serving", "source_accuracy_candidate", "agreement"):
+        assert isinstance(g[k], float)
+    assert status["n_traffic"] == len(street_embeddings) and status["seconds"] > 0
+    assert status["start"].startswith("hand template")  # a zero-shot artifact has no prompts
+    print("\nworker status:", json.dumps({k: v for k, v in status.items() if k != "per_stage"}))
+    if status["state"] == "accepted":
+        assert versions.current(run) == 2 == status["version"]
+        art = versions.load_version(run, 2)  # verifies every checksum
+        assert art.manifest["parent_version"] == 1
+        assert art.manifest["decision"]["accepted"] is True
+        assert "prompts.safetensors" in art.manifest["files"]
+        assert versions.history(run)[0]["decision"] == art.manifest["decision"]
+        # a second run starts from the published prompts
+        again = worker.run_once(run, store, CFG)
+        assert again["state"] in ("accepted", "rejected"), again
+        assert again["start"] == "serving prompts" and again["serving_version"] == 2
+    else:
+        assert status["reasons"] and versions.current(run) == 1
+
+
+def test_a_failing_run_reports_failed_and_keeps_the_served_version(run):
+    dim = versions.load_current(run).backbone.embed_dim
+    empty = TrafficStore(StoreConfig(path=run / "empty.sqlite", dim=dim), start=False)
+    status = worker.run_once(run, empty.path, CFG)
+    assert status["state"] == "failed"
+    assert "0 stored traffic samples" in status["reasons"][0]
+    assert read_status(run)["state"] == "failed"
+    assert versions.current(run) == 1 and not (versions.versions_dir(run) / "2").exists()
+    missing = worker.run_once(run, run / "nope.sqlite", CFG)
+    assert missing["state"] == "failed" and "no traffic store" in missing["reasons"][0]
+
+
+def test_the_loop_consumes_a_request_in_one_iteration(run, street_embeddings):
+    store = fill_store(run, street_embeddings[:25])
+    req = {"id": "abc", "requested_at": "now", "serving_version": "1"}
+    worker.request_path(run).parent.mkdir(exist_ok=True)
+    worker.request_path(run).write_text(json.dumps(req))
+    cfg = worker.WorkerConfig(min_samples=20, stages=1, steps_per_stage=5)
+    done = worker.loop(run, store, cfg, max_iterations=1)
+    assert len(done) == 1 and done[0]["state"] in ("accepted", "rejected")
+    assert done[0]["request"]["id"] == "abc" and done[0]["request"]["trigger"] == "request"
+    assert not worker.request_path(run).exists()
+    assert not list(versions.versions_dir(run).glob(worker.TAKEN_PREFIX + "*"))
+    # no request, no schedule: nothing runs
+    assert worker.loop(run, store, cfg, max_iterations=1) == []
+    # enough new samples since the loop started: a scheduled run
+    assert worker.loop(run, store, cfg, min_new=1000, max_iterations=1) == []
+
+
+def test_the_cli_counts_its_outcome_in_the_shared_prometheus_directory(run, tmp_path):
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom)}
+    cmd = [sys.executable, "-m", "serving.worker", str(run), "--store", str(run / "no.sqlite")]
+    r = subprocess.run([*cmd, "--once"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and json.loads(r.stdout.splitlines()[-1])["state"] == "failed"
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    reg = CollectorRegistry()
+    multiprocess.MultiProcessCollector(reg, path=str(prom))
+    text = generate_latest(reg).decode()
+    assert 'mp2a_adaptation_runs_total{outcome="failed"} 1.0' in text
+    assert "mp2a_adaptation_duration_seconds_count 1.0" in text
+
+
+def test_importing_the_worker_module_stays_torch_free():
+    code = "import sys, serving.worker, serving.gate; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_launch_builds_the_worker_command_from_the_environment(tmp_path):
+    from serving.launch import worker_command
+
+    cmd = worker_command(tmp_path, {"MP2A_ADAPT_INTERVAL_S": "60"})
+    assert cmd is not None and cmd[1:3] == ["-m", "serving.worker"]
+    assert cmd[cmd.index("--store") + 1] == str(tmp_path.resolve() / "traffic.sqlite")
+    assert cmd[cmd.index("--interval") + 1] == "60"
+    assert worker_command(tmp_path, {"MP2A_STORE": "off"}) is None
