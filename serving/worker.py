@@ -63,6 +63,9 @@ TAKEN_PREFIX = ".taken-"
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """Online-run settings. The fit fields mirror adapt.progressive.FitConfig, which lives
+    with torch: the server process imports this module and must stay torch-free."""
+
     max_samples: int = 10_000  # newest stored embeddings used per run
     min_samples: int = 50  # fewer stored samples: the run fails (a request) or waits (schedule)
     stages: int = 3
@@ -305,14 +308,14 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
     }
 
 
-def _max_id(store_path: Path) -> int:
-    """The newest row id (0 when empty or absent): counts new samples without reading them."""
+def _store_scalar(store_path: Path, sql: str) -> int:
+    """One integer read from the store (0 when it is absent or unreadable)."""
     if not store_path.is_file():
         return 0
     try:
         con = connect(store_path)
         try:
-            return int(con.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
+            return int(con.execute(sql).fetchone()[0])
         finally:
             con.close()
     except sqlite3.Error as e:
@@ -320,9 +323,13 @@ def _max_id(store_path: Path) -> int:
         return 0
 
 
+def _max_id(store_path: Path) -> int:
+    """The newest row id: counts new samples without reading them."""
+    return _store_scalar(store_path, "SELECT COALESCE(MAX(id), 0) FROM samples")
+
+
 def _rows(store_path: Path) -> int:
-    if not store_path.is_file():
-        return 0
+    return _store_scalar(store_path, "SELECT COUNT(*) FROM samples")
     try:
         con = connect(store_path)
         try:
