@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mp2a.artifact import load_artifact
@@ -75,10 +76,32 @@ def bentoml_prometheus_dir() -> str:
     return os.path.join(home, "prometheus_multiproc_dir")
 
 
+# optional worker settings from the environment: (variable, flag, type)
+WORKER_SETTINGS = (
+    ("MP2A_ADAPT_STEPS", "--steps", int),
+    ("MP2A_ADAPT_STAGES", "--stages", int),
+    ("MP2A_ADAPT_MIN_SAMPLES", "--min-samples", int),
+    ("MP2A_ADAPT_MAX_SAMPLES", "--max-samples", int),
+)
+
+
+def _positive(env: dict[str, str] | os._Environ, name: str, kind: type, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    try:
+        ok = kind(raw) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        what = "integer" if kind is int else "number"
+        raise Mp2aError(f"{name} must be a positive {what}, got {raw!r}; fix or unset it")
+    return raw
+
+
 def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str] | None:
     """`python -m serving.worker …` as MP2A_ONLINE=1 configures it; None when the traffic
     store is off (nothing to adapt on). MP2A_ADAPT_INTERVAL_S (default 3600) and
-    MP2A_ADAPT_MIN_NEW (default 10000) set the schedule; POST /adapt always works."""
+    MP2A_ADAPT_MIN_NEW (default 10000) set the schedule; POST /adapt always works;
+    WORKER_SETTINGS' variables override the run's size. A bad value raises Mp2aError."""
     env = os.environ if environ is None else environ
     store = env.get("MP2A_STORE", "").strip()
     if store.lower() == "off":
@@ -86,33 +109,76 @@ def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str
         return None
     store_path = Path(store).resolve() if store else run.resolve() / "traffic.sqlite"
     cmd = [sys.executable, "-m", "serving.worker", str(run.resolve()), "--store", str(store_path)]
-    cmd += ["--interval", env.get("MP2A_ADAPT_INTERVAL_S", "").strip() or "3600"]
-    cmd += ["--min-new", env.get("MP2A_ADAPT_MIN_NEW", "").strip() or "10000"]
+    cmd += ["--interval", _positive(env, "MP2A_ADAPT_INTERVAL_S", float, "3600")]
+    cmd += ["--min-new", _positive(env, "MP2A_ADAPT_MIN_NEW", int, "10000")]
+    for name, flag, kind in WORKER_SETTINGS:
+        if env.get(name, "").strip():
+            cmd += [flag, _positive(env, name, kind, "")]
     return cmd
 
 
-def start_worker(run: Path) -> subprocess.Popen | None:
-    """The adaptation worker as a sibling process of `bentoml serve` (MP2A_ONLINE=1)."""
-    if os.environ.get("MP2A_ONLINE", "").strip() != "1":
-        return None
-    cmd = worker_command(run)
-    if cmd is None:
-        return None
-    env = dict(os.environ)
-    env["PROMETHEUS_MULTIPROC_DIR"] = bentoml_prometheus_dir()
-    print("mp2a: online adaptation worker: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    return subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT))
+class WorkerSupervisor:
+    """Keeps the adaptation worker (MP2A_ONLINE=1) running next to `bentoml serve`: a worker
+    that dies (killed, out of memory) is started again after a back-off of 1 s doubling to
+    60 s (reset once a worker has lived a minute). The new worker marks the dead one's run
+    failed (serving/worker.py `recover`)."""
 
+    MAX_BACKOFF = 60.0
+    HEALTHY_AFTER = 60.0
 
-def stop_worker(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    def __init__(self, run: Path, cmd: list[str]) -> None:
+        self.run, self.cmd = run, cmd
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.backoff = 1.0
+        self.restart_at: float | None = None
+        self.restarts = 0
+
+    @classmethod
+    def from_env(cls, run: Path) -> WorkerSupervisor | None:
+        if os.environ.get("MP2A_ONLINE", "").strip() != "1":
+            return None
+        cmd = worker_command(run)
+        return None if cmd is None else cls(run, cmd)
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env["PROMETHEUS_MULTIPROC_DIR"] = bentoml_prometheus_dir()
+        print("mp2a: online adaptation worker: " + " ".join(self.cmd[1:]), file=sys.stderr)
+        self.proc = subprocess.Popen(self.cmd, env=env, cwd=str(REPO_ROOT))
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def check(self) -> None:
+        """Call every second or so: restarts a dead worker when its back-off has passed."""
+        now = time.monotonic()
+        if self.proc is not None and self.restart_at is None:
+            code = self.proc.poll()
+            if code is None:
+                return
+            if now - self.started >= self.HEALTHY_AFTER:
+                self.backoff = 1.0
+            self.restart_at = now + self.backoff
+            print(
+                f"mp2a: adaptation worker exited ({code}); restarting in {self.backoff:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.backoff = min(self.MAX_BACKOFF, self.backoff * 2)
+        if self.restart_at is not None and now >= self.restart_at:
+            self.restarts += 1
+            self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def serve(
@@ -138,10 +204,17 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
+    supervisor = WorkerSupervisor.from_env(run)  # a bad MP2A_ADAPT_* value fails here
     proc = subprocess.Popen(serve_command(port, host), env=serve_env(run, backend, precision))
-    worker = start_worker(run)
     try:
-        return proc.wait()
+        if supervisor is not None:
+            supervisor.start()
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if supervisor is not None:
+                    supervisor.check()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         try:
@@ -150,4 +223,5 @@ def serve(
             proc.kill()
         raise
     finally:
-        stop_worker(worker)
+        if supervisor is not None:
+            supervisor.stop()

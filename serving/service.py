@@ -48,6 +48,7 @@ from starlette.routing import Route
 from mp2a import versions
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError
+from serving import worker
 from serving.backends import load_backend
 from serving.decode import DecodeLimits, InputError
 from serving.guard import UploadGuard, UploadRule
@@ -91,8 +92,9 @@ class BatchResponse(BaseModel):
     model_version: str
 
 
-ADAPT_STATUS = "adapt_status.json"  # written by the adaptation worker
-ADAPT_REQUEST = "adapt_request.json"  # written by POST /adapt, taken by the worker
+ADAPT_STATUS = worker.ADAPT_STATUS  # written by the adaptation worker
+ADAPT_REQUEST = worker.ADAPT_REQUEST  # written by POST /adapt, taken by the worker
+ADAPT_BODY_LIMIT = 4096  # POST /adapt's optional JSON settings
 
 
 def _not_loaded() -> Response:
@@ -163,16 +165,33 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _adapt_route(request: Request) -> Response:
+async def _adapt_route(request: Request) -> Response:
     if (refused := _admin_refusal(request)) is not None:
         return refused
     svc = bentoml.get_current_service()
     if svc is None:
         return _not_loaded()
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > ADAPT_BODY_LIMIT:
+            return JSONResponse(
+                {"error": f"POST /adapt body over {ADAPT_BODY_LIMIT} bytes; send a small JSON"},
+                status_code=413,
+            )
+    try:
+        body = json.loads(raw) if raw.strip() else None
+        settings = worker.request_overrides(body)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        return JSONResponse(
+            {"error": f"POST /adapt body: {e}. Send no body for the default run."},
+            status_code=400,
+        )
     req = {
         "id": uuid.uuid4().hex,
         "requested_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "serving_version": svc.predictor.version,
+        "settings": settings or None,
     }
     path = versions.versions_dir(svc.run) / ADAPT_REQUEST
     try:
@@ -200,6 +219,8 @@ def _adapt_status_route(_: Request) -> Response:
         status = {"state": "unknown", "detail": f"{d / ADAPT_STATUS} is unreadable: {e}"}
     if not isinstance(status, dict):
         status = {"state": "unknown", "detail": f"{d / ADAPT_STATUS} is not a JSON object"}
+    if (stale := worker.stale_reason(status)) is not None:  # the worker was killed mid-run
+        status = {**status, "state": "failed", "reasons": [stale]}
     try:
         status["pending_request"] = json.loads((d / ADAPT_REQUEST).read_text())
     except (OSError, ValueError):

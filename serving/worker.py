@@ -37,6 +37,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -56,7 +57,7 @@ from serving.store import StoreConfig, TrafficStore, connect
 
 log = logging.getLogger(__name__)
 
-ADAPT_STATUS = "adapt_status.json"  # the same names serving/service.py uses
+ADAPT_STATUS = "adapt_status.json"  # serving/service.py reads and writes these names too
 ADAPT_REQUEST = "adapt_request.json"
 TAKEN_PREFIX = ".taken-"
 
@@ -75,6 +76,35 @@ class WorkerConfig:
     lr: float = 2e-3
     seed: int = 0
     gate: gate.GateConfig = field(default_factory=gate.GateConfig)
+
+
+# what a request (POST /adapt's JSON body) may change for one run, with its upper bound
+REQUEST_SETTINGS = {
+    "stages": 20,
+    "steps_per_stage": 100_000,
+    "max_samples": 1_000_000,
+    "min_samples": 1_000_000,
+}
+
+
+def request_overrides(body: object) -> dict[str, int]:
+    """The run settings a request asks for, checked; ValueError says what is wrong."""
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ValueError('the body must be a JSON object, e.g. {"steps_per_stage": 100}')
+    unknown = sorted(set(body) - set(REQUEST_SETTINGS))
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(REQUEST_SETTINGS)}"
+        )
+    out = {}
+    for k, v in body.items():
+        top = REQUEST_SETTINGS[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise ValueError(f"{k} must be an integer in 1..{top}, got {v!r}")
+        out[k] = v
+    return out
 
 
 def status_path(run: Path) -> Path:
@@ -123,6 +153,53 @@ def take_request(run: Path) -> dict | None:
         taken.unlink(missing_ok=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (killed, not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        pass
+    try:  # Linux: field 3 of /proc/PID/stat is the state; Z = zombie, X = dead
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def stale_reason(status: dict) -> str | None:
+    """Why a "running" status is a dead run's leftover (its worker process, on this host, no
+    longer exists), or None. A status written on another host is never judged from here."""
+    if status.get("state") != "running" or status.get("host") != socket.gethostname():
+        return None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or _pid_alive(pid):
+        return None
+    return (
+        f"the adaptation worker (pid {pid}) ended during the run (killed or crashed); the "
+        "served version was not changed"
+    )
+
+
+def recover(run: Path) -> dict | None:
+    """At worker start: a run left "running" by a dead worker becomes "failed" (status file
+    and mp2a_adaptation_runs_total{outcome="failed"}); returns that status, else None."""
+    try:
+        status = json.loads(status_path(run).read_text())
+    except (OSError, ValueError):
+        return None
+    reason = stale_reason(status) if isinstance(status, dict) else None
+    if reason is None:
+        return None
+    status = {**status, "state": "failed", "reasons": [reason], "finished_at": _now()}
+    write_status(run, status)
+    if (m := _metrics()) is not None:
+        m.adaptation_runs.labels(outcome="failed").inc()
+    log.warning("%s", reason)
+    return status
+
+
 def _metrics() -> ServingMetrics | None:
     """The shared mp2a_* metrics when the server's multiprocess directory is known."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -153,7 +230,12 @@ def run_once(
     run, cfg = Path(run), cfg or WorkerConfig()
     t0 = time.time()
     started = _now()
-    base = {"started_at": started, "request": request, "pid": os.getpid()}
+    base = {
+        "started_at": started,
+        "request": request,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
     write_status(run, {"state": "running", **base})
     m = _metrics()
     try:
@@ -330,14 +412,6 @@ def _max_id(store_path: Path) -> int:
 
 def _rows(store_path: Path) -> int:
     return _store_scalar(store_path, "SELECT COUNT(*) FROM samples")
-    try:
-        con = connect(store_path)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def loop(
@@ -353,6 +427,7 @@ def loop(
     since the last run (scheduled runs wait until the store holds cfg.min_samples). Returns
     the statuses of the runs made (for tests; forever unless max_iterations)."""
     run, store_path, cfg = Path(run), Path(store_path), cfg or WorkerConfig()
+    recover(run)
     last_run = time.monotonic()
     last_id = _max_id(store_path)
     done: list[dict] = []
@@ -375,7 +450,17 @@ def loop(
             continue
         log.info("adaptation run (%s)", reason)
         last_id = _max_id(store_path)
-        status = run_once(run, store_path, cfg, request={"trigger": reason, **(req or {})})
+        request = {"trigger": reason, **(req or {})}
+        try:  # the server checked them; a hand-written request file may not have been
+            run_cfg = dataclasses.replace(cfg, **request_overrides(request.get("settings")))
+        except (ValueError, TypeError) as e:
+            run_cfg = None
+            status = {"state": "failed", "request": request, "reasons": [f"bad request: {e}"]}
+            write_status(run, {**status, "seconds": 0.0, "finished_at": _now()})
+            if (m := _metrics()) is not None:
+                m.adaptation_runs.labels(outcome="failed").inc()
+        if run_cfg is not None:
+            status = run_once(run, store_path, run_cfg, request=request)
         last_run = time.monotonic()
         done.append(status)
     return done
@@ -407,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         stages=a.stages,
     )
     if a.once:
+        recover(a.run)
         status = run_once(a.run, store, cfg, request={"trigger": "cli"})
         print(json.dumps({k: status.get(k) for k in ("state", "reasons", "seconds")}))
         return 0 if status["state"] != "failed" else 1

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -349,6 +351,51 @@ def test_adapt_request_is_written_for_the_worker(versioned_run, monkeypatch):
         (versioned_run / "versions" / "adapt_status.json").write_text(json.dumps(status))
         got = c.get("/adapt/status").json()
         assert got["state"] == "rejected" and got["reason"] == status["reason"]
+
+
+def test_adapt_settings_are_checked_and_passed_to_the_worker(versioned_run, monkeypatch):
+    monkeypatch.setenv("MP2A_ADMIN_TOKEN", TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    request_file = versioned_run / "versions" / "adapt_request.json"
+    with make_client(versioned_run) as c:
+        for body, says in [
+            (b"{not json", "Expecting property name"),
+            (b"[1, 2]", "JSON object"),
+            (b'{"steps": 5}', "unknown setting(s) steps"),
+            (b'{"stages": 0}', "stages must be an integer in 1..20"),
+            (b'{"steps_per_stage": true}', "steps_per_stage must be an integer"),
+            (b'{"max_samples": 2.5}', "max_samples must be an integer"),
+        ]:
+            r = c.post("/adapt", headers=auth, content=body)
+            assert r.status_code == 400 and says in r.json()["error"], (body, r.text)
+            assert not request_file.exists()
+        r = c.post("/adapt", headers=auth, content=b"x" * 5000)
+        assert r.status_code == 413 and not request_file.exists()
+        r = c.post("/adapt", headers=auth, json={"steps_per_stage": 7, "stages": 2})
+        assert r.status_code == 202, r.text
+        written = json.loads(request_file.read_text())
+        assert written["settings"] == {"steps_per_stage": 7, "stages": 2}
+
+
+def test_status_of_a_run_whose_worker_died_reads_failed(versioned_run):
+    """A "running" status whose worker process no longer exists (kill -9) is reported as
+    failed, not as running forever; a live worker's run stays running."""
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = versioned_run / "versions" / "adapt_status.json"
+    path.parent.mkdir(exist_ok=True)
+    host = socket.gethostname()
+    with make_client(versioned_run) as c:
+        path.write_text(json.dumps({"state": "running", "pid": dead.pid, "host": host}))
+        got = c.get("/adapt/status").json()
+        assert got["state"] == "failed" and f"pid {dead.pid}" in got["reasons"][0]
+        path.write_text(json.dumps({"state": "running", "pid": os.getpid(), "host": host}))
+        assert c.get("/adapt/status").json()["state"] == "running"
+        other = {"state": "running", "pid": dead.pid, "host": host + "-elsewhere"}
+        path.write_text(json.dumps(other))
+        assert c.get("/adapt/status").json()["state"] == "running"
 
 
 def test_requests_during_swaps_all_succeed_with_their_versions_answer(

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,57 @@ def test_launch_builds_the_worker_command_from_the_environment(tmp_path):
     assert cmd[cmd.index("--store") + 1] == str(tmp_path.resolve() / "traffic.sqlite")
     assert cmd[cmd.index("--interval") + 1] == "60"
     assert worker_command(tmp_path, {"MP2A_STORE": "off"}) is None
+
+
+def test_request_settings_size_the_run_and_bad_ones_fail_it(run, street_embeddings):
+    store = fill_store(run, street_embeddings[:25])
+    worker.request_path(run).parent.mkdir(exist_ok=True)
+    cfg = worker.WorkerConfig(min_samples=20, stages=3, steps_per_stage=5)
+    worker.request_path(run).write_text(json.dumps({"settings": {"stages": 1}}))
+    (done,) = worker.loop(run, store, cfg, max_iterations=1)
+    assert done["state"] in ("accepted", "rejected") and len(done["per_stage"]) == 1
+    # a hand-written request file is checked by the worker too
+    worker.request_path(run).write_text(json.dumps({"settings": {"stages": "many"}}))
+    (bad,) = worker.loop(run, store, cfg, max_iterations=1)
+    assert bad["state"] == "failed" and "stages must be an integer" in bad["reasons"][0]
+    assert read_status(run)["state"] == "failed"
+
+
+def test_a_run_killed_mid_way_is_marked_failed_by_the_next_worker(run, street_embeddings):
+    """SIGKILL of a real `python -m serving.worker --once` during its run: the status file
+    says running with a dead pid; the next worker records it failed, nothing was published."""
+    store = fill_store(run, street_embeddings)
+    cmd = [sys.executable, "-m", "serving.worker", str(run), "--store", str(store)]
+    proc = subprocess.Popen([*cmd, "--once", "--min-samples", "20", "--steps", "100000"])
+    try:
+        deadline = time.time() + 60
+        while not (worker.status_path(run).exists() and read_status(run)["state"] == "running"):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # inside the training steps
+    finally:
+        proc.kill()
+        proc.wait()
+    assert read_status(run)["state"] == "running" and read_status(run)["pid"] == proc.pid
+    assert worker.stale_reason(read_status(run)) is not None
+    assert worker.loop(run, store, CFG, max_iterations=1) == []  # recovers; nothing to run
+    status = read_status(run)
+    assert status["state"] == "failed" and f"pid {proc.pid}" in status["reasons"][0]
+    assert versions.current(run) == 1 and not (versions.versions_dir(run) / "2").exists()
+    assert worker.recover(run) is None  # once only
+
+
+def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):
+    from mp2a.errors import Mp2aError
+    from serving.launch import worker_command
+
+    for env, says in [
+        ({"MP2A_ADAPT_STEPS": "ten"}, "MP2A_ADAPT_STEPS must be a positive integer, got 'ten'"),
+        ({"MP2A_ADAPT_INTERVAL_S": "-5"}, "MP2A_ADAPT_INTERVAL_S must be a positive number"),
+        ({"MP2A_ADAPT_MIN_SAMPLES": "0"}, "MP2A_ADAPT_MIN_SAMPLES must be a positive integer"),
+    ]:
+        with pytest.raises(Mp2aError, match=says):
+            worker_command(tmp_path, env)
+    cmd = worker_command(tmp_path, {"MP2A_ADAPT_STEPS": "7", "MP2A_ADAPT_MAX_SAMPLES": "900"})
+    assert cmd is not None
+    assert cmd[cmd.index("--steps") + 1] == "7" and cmd[cmd.index("--max-samples") + 1] == "900"

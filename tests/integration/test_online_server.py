@@ -1,0 +1,154 @@
+"""The online loop as a user runs it: `MP2A_ONLINE=1 mp2a serve RUN` (BentoML server + the
+adaptation worker under its supervisor), real HTTP traffic into the real SQLite store,
+POST /adapt → the worker re-adapts → gate → the server hot-swaps; then kill -9 of the worker
+in the middle of a run: the status says failed, the supervisor starts a new worker, the
+failure is counted in /metrics, and the served version stays complete and verified."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_serving_server import free_port, process  # same folder (pytest puts it on the path)
+
+from mp2a import versions
+
+TOKEN = "online-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def runs_counter(c: httpx.Client) -> dict[str, float]:
+    text = c.get("/metrics").text
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "mp2a_adaptation_runs":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    out[s.labels["outcome"]] = s.value
+    return out
+
+
+def wait_status(c: httpx.Client, states: set[str], timeout: float = 180.0) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        status = c.get("/adapt/status").json()
+        if status["state"] in states and status.get("pending_request") is None:
+            return status
+        assert time.time() < deadline, f"status never reached {states}: {status}"
+        time.sleep(0.1)
+
+
+def stored_rows(path: Path) -> int:
+    if not path.exists():
+        return 0
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    except sqlite3.OperationalError:  # the server has not created the table yet
+        return 0
+    finally:
+        con.close()
+
+
+def test_online_server_adapts_on_request_swaps_and_survives_a_killed_worker(
+    street_run, digits_small, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "BENTOML_HOME": str(tmp_path / "bentoml-home"),  # its own metrics directory
+        "MP2A_ONLINE": "1",
+        "MP2A_ADMIN_TOKEN": TOKEN,
+        "MP2A_ADAPT_MIN_SAMPLES": "20",
+        "MP2A_ADAPT_STAGES": "2",
+        "MP2A_ADAPT_STEPS": "15",
+    }
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
+    files = sorted(digits_small.glob("street/*/*.png"))
+    log = tmp_path / "serve.log"
+    with (
+        process([*cmd, "--port", str(port)], env, log, url + "/readyz"),
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
+
+        def predict(f: Path) -> dict:
+            r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(predict, files * 2))
+        assert {a["model_version"] for a in answers} == {"1"}
+        deadline = time.time() + 30
+        while stored_rows(run / "traffic.sqlite") < len(answers):
+            assert time.time() < deadline, "traffic never reached the store"
+            time.sleep(0.2)
+        assert c.get("/adapt/status").json()["state"] == "idle"
+        zero = {"accepted": 0.0, "rejected": 0.0, "failed": 0.0}
+        assert runs_counter(c) == zero
+
+        # 1. POST /adapt: the worker (started by `mp2a serve`) runs, the gate decides
+        assert c.post("/adapt").status_code == 401
+        r = c.post("/adapt", headers=AUTH)
+        assert r.status_code == 202, r.text
+        status = wait_status(c, {"accepted", "rejected", "failed"})
+        assert status["state"] in ("accepted", "rejected"), status
+        assert status["request"]["id"] == r.json()["id"]
+        assert status["n_traffic"] == len(answers)
+        assert status["gate"]["reasons"] == status["reasons"]
+        print("\nonline status:", json.dumps({k: status[k] for k in ("state", "reasons", "gate")}))
+        if status["state"] == "accepted":
+            new = str(status["version"])
+            deadline = time.time() + 15
+            while predict(files[0])["model_version"] != new:
+                assert time.time() < deadline, "the server never swapped to the accepted version"
+                time.sleep(0.1)
+            assert c.get("/model").json()["version"] == new
+            assert versions.history(run)[0]["decision"]["accepted"] is True
+        else:
+            assert predict(files[0])["model_version"] == "1" and versions.current(run) == 1
+        served = versions.current(run)
+        assert runs_counter(c) == {**zero, status["state"]: 1.0}
+
+        # 2. kill -9 of the worker in the middle of a long run
+        r = c.post("/adapt", headers=AUTH, json={"steps_per_stage": 100_000})
+        assert r.status_code == 202, r.text
+        running = wait_status(c, {"running"}, timeout=60)
+        assert running["request"]["settings"] == {"steps_per_stage": 100_000}
+        os.kill(running["pid"], signal.SIGKILL)
+        status = c.get("/adapt/status").json()  # at once: the dead pid is noticed
+        assert status["state"] == "failed" and f"pid {running['pid']}" in status["reasons"][0]
+        deadline = time.time() + 60  # the supervisor restarts it; the new one counts the loss
+        while runs_counter(c).get("failed") != 1.0:
+            assert time.time() < deadline, f"failed run never counted: {runs_counter(c)}"
+            time.sleep(0.2)
+        stored = json.loads((run / "versions" / "adapt_status.json").read_text())
+        assert stored["state"] == "failed" and stored["pid"] == running["pid"]
+        assert versions.current(run) == served
+        versions.load_current(run)  # complete, every checksum verified
+        assert predict(files[0])["model_version"] == str(served)
+
+        # 3. the restarted worker takes the next request
+        r = c.post("/adapt", headers=AUTH, json={"stages": 1, "steps_per_stage": 5})
+        status = wait_status(c, {"accepted", "rejected", "failed"})
+        assert status["state"] in ("accepted", "rejected"), status
+        assert status["pid"] != running["pid"] and len(status["per_stage"]) == 1
+    assert "adaptation worker exited (-9); restarting" in log.read_text()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-s"]))
