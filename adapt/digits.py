@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -388,8 +388,10 @@ def build_digits(
     image_size: int = 32,
     progress: bool = False,
     workers: int | None = None,
+    domains: Sequence[str] | None = None,
 ) -> dict:
-    """Write DIR/<domain>/<class>/<index>.png for the 4 domains and DIR/meta.json.
+    """Write DIR/<domain>/<class>/<index>.png for the 4 domains (or `domains` only: each
+    domain's images are the same whichever others are built) and DIR/meta.json.
 
     Images are RGB, image_size x image_size; indices are zero-padded (`0000.png`). The same
     seed gives byte-identical files whatever `workers` is (default: up to 4 CPU cores; 1 runs
@@ -402,12 +404,19 @@ def build_digits(
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     if not isinstance(workers, int) or workers < 1:
         raise DataError(f"workers must be an integer >= 1, got {workers!r}.")
+    built = tuple(DOMAINS if domains is None else dict.fromkeys(domains))
+    unknown = [d for d in built if d not in DOMAINS]
+    if unknown or not built:
+        raise DataError(
+            f"unknown DigitsDA domain(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"choose from {', '.join(DOMAINS)}."
+        )
     _prepare_out(out)
     # load the real data once, before any fork, so worker processes inherit it
     _uci_digits()
     _textures()
 
-    jobs = [(out, d, c, seed, per_class, image_size) for d in DOMAINS for c in range(10)]
+    jobs = [(out, d, c, seed, per_class, image_size) for d in built for c in range(10)]
     log = logger.info if progress else logger.debug
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -418,7 +427,7 @@ def build_digits(
             results = pool.map(_build_class, jobs)
         else:
             results = map(_build_class, jobs)
-        reused = dict.fromkeys(DOMAINS, 0)
+        reused = dict.fromkeys(built, 0)
         for k, n in enumerate(results):
             domain = jobs[k][1]
             reused[domain] += n
@@ -436,11 +445,10 @@ def build_digits(
         "layout": "<domain>/<class>/<index:04d>.png",
         "protocol": "leave-one-domain-out",
         "domains": {
-            d: {"count": per_class * len(CLASS_NAMES), **_domain_meta(d, reused[d])}
-            for d in DOMAINS
+            d: {"count": per_class * len(CLASS_NAMES), **_domain_meta(d, reused[d])} for d in built
         },
     }
-    if reused["handwritten"]:
+    if reused.get("handwritten"):
         logger.warning(
             "per_class=%d exceeds the UCI samples of some classes (%s): %d handwritten images "
             "are reused samples with a small random affine jitter.",
@@ -449,7 +457,8 @@ def build_digits(
             reused["handwritten"],
         )
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log("DigitsDA: %d images in %s (%.1fs)", 4 * 10 * per_class, out, time.perf_counter() - t0)
+    n = len(built) * 10 * per_class
+    log("DigitsDA: %d images in %s (%.1fs)", n, out, time.perf_counter() - t0)
     return meta
 
 
@@ -468,15 +477,16 @@ def contact_sheet(root: Path, out_png: Path, per_domain: int = 20, scale: int = 
     meta = json.loads((root / "meta.json").read_text())
     size, classes = meta["image_size"] * scale, meta["classes"]
     per_domain = min(per_domain, meta["per_class"] * len(classes))
+    shown = [d for d in DOMAINS if d in meta["domains"]]
     label_w, pad = 8 * 12, 2
     font = load_font("DejaVuSans.ttf", 13)
     sheet = Image.new(
         "RGB",
-        (label_w + per_domain * (size + pad), len(DOMAINS) * (size + pad) + pad),
+        (label_w + per_domain * (size + pad), len(shown) * (size + pad) + pad),
         (255, 255, 255),
     )
     draw = ImageDraw.Draw(sheet)
-    for r, domain in enumerate(DOMAINS):
+    for r, domain in enumerate(shown):
         y = pad + r * (size + pad)
         draw.text((4, y + size // 2), domain, fill=(0, 0, 0), font=font, anchor="lm")
         for k in range(per_domain):

@@ -47,6 +47,7 @@ class FitConfig:
     oneshot_threshold: float = 0.5
     seed: int = 0
     threads: int | None = None  # None: 1 for small prompt batches, else torch's default
+    refine: int = 0  # centroid refinement rounds of the pseudo-labels before each selection
 
 
 @contextlib.contextmanager
@@ -66,6 +67,27 @@ def training_threads(learner: MultiPromptLearner, cfg: FitConfig) -> int:
     width = learner.sos.shape[-1]
     work = learner.num_sources * 2 * learner.num_classes * int(learner.pool_at.max()) * width
     return 1 if work < 2_000_000 else torch.get_num_threads()
+
+
+def refine_with_centroids(
+    features: np.ndarray, probs: np.ndarray, rounds: int, logit_scale: float
+) -> np.ndarray:
+    """Pseudo-label refinement in feature space: each round sets one centroid per class
+    (the probability-weighted mean of the normalised target features) and re-scores every
+    sample by its cosine to the centroids, softmax at `logit_scale`. Mistakes that are
+    systematic for the text head but not clustered in feature space get corrected."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    for _ in range(rounds):
+        mass = probs.sum(0)
+        c = (probs.T @ x) / np.maximum(mass, 1e-12)[:, None]
+        c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        z = logit_scale * (x @ c.T)
+        z -= z.max(1, keepdims=True)
+        e = np.exp(z)
+        new = e / e.sum(1, keepdims=True)
+        new[:, mass <= 0] = 0  # a class nobody was given keeps no centroid
+        probs = new / np.maximum(new.sum(1, keepdims=True), 1e-12)
+    return probs.astype(np.float32)
 
 
 def ratio_at(stage: int, stages: int, r0: float, kind: str = "linear") -> float:
@@ -187,6 +209,8 @@ def fit(
         per_stage = []
         for stage, steps in plan:
             t0 = time.time()
+            if cfg.refine and mode != "source-only":
+                probs = refine_with_centroids(target, probs, cfg.refine, logit_scale)
             if mode == "mp2a":
                 ratio = ratio_at(stage, cfg.stages, cfg.r0, cfg.schedule)
                 idx, pseudo = select_class_balanced(probs, ratio)

@@ -21,8 +21,13 @@ log = logging.getLogger("mp2a")
 def _cmd_data_digits(args: argparse.Namespace) -> int:
     from adapt.digits import build_digits
 
+    domains = [d for d in args.domains.split(",") if d] if args.domains else None
     meta = build_digits(
-        Path(args.out), seed=args.seed, per_class=args.per_class, progress=not args.quiet
+        Path(args.out),
+        seed=args.seed,
+        per_class=args.per_class,
+        progress=not args.quiet,
+        domains=domains,
     )
     counts = {d: v["count"] for d, v in meta["domains"].items()}
     print(json.dumps({"out": args.out, "counts": counts}))
@@ -112,9 +117,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         result = run_serving(quick=args.quick)
     else:
-        raise Mp2aError(
-            f"bench {args.what!r} is not available yet; available: adapt, export, serving"
-        )
+        import dataclasses
+
+        from serving.bench_online import OnlinePlan
+        from serving.bench_online import run as run_online
+
+        plan = OnlinePlan.quick() if args.quick else OnlinePlan()
+        if args.refine < 0 or not 0 <= (args.source_margin or 0) <= 1:
+            raise Mp2aError("--refine must be >= 0 and --source-margin in 0..1")
+        plan = dataclasses.replace(plan, refine=args.refine, source_margin=args.source_margin)
+        result = run_online(plan=plan, work=Path(args.work) if args.work else None)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
@@ -130,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--out", required=True, help="output folder DIR/<domain>/<class>/*.png")
     dg.add_argument("--seed", type=int, default=0)
     dg.add_argument("--per-class", type=int, default=100, help="images per class and domain")
+    dg.add_argument("--domains", help="comma-separated subset (default: all four)")
     dg.add_argument("--quiet", action="store_true")
     dg.set_defaults(func=_cmd_data_digits)
 
@@ -174,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("what", choices=["adapt", "export", "serving", "online"])
     bn.add_argument("--json", action="store_true", help="compact JSON (one line)")
     bn.add_argument("--quick", action="store_true", help="small models only")
+    bn.add_argument("--refine", type=int, default=0, help="online: centroid refinement rounds")
+    bn.add_argument(
+        "--source-margin", type=float, help="online: the gate's source-accuracy margin (0.02)"
+    )
+    bn.add_argument("--work", help="online: keep data and artifact in this folder and reuse them")
     bn.set_defaults(func=_cmd_bench)
 
     pt = sub.add_parser("pretrain-tiny", help="re-train the embedded tiny CLIP from scratch")

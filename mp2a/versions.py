@@ -218,10 +218,13 @@ def publish(
     prompts: dict[str, np.ndarray] | None = None,
     decision: dict | None = None,
     method: str = "online",
+    prompt_config: dict | None = None,
 ) -> int:
     """Write `head` as version N+1 (complete, checksummed, `parent` recorded; default: the
     served version), then make it the served one. Returns N+1. Safe against concurrent
-    publishers (a file lock) and against a kill at any point (see the module docstring)."""
+    publishers (a file lock) and against a kill at any point (see the module docstring).
+    With `prompts`, `prompt_config` (template, context sizes, fit settings) becomes the
+    manifest's `prompt`; without prompts the version has none."""
     run = Path(run)
     base = load_artifact(run)
     if head.num_classes != len(base.classes) or head.dim != base.backbone.embed_dim:
@@ -256,8 +259,7 @@ def publish(
                 "decision": decision,
                 "files": files,
             }
-            if prompts is None:
-                manifest["prompt"] = None
+            manifest["prompt"] = None if prompts is None else prompt_config
             write_json(tmp / MANIFEST, manifest)
             fsync_dir(tmp)
             os.rename(tmp, d / str(version))

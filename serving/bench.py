@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -211,6 +212,8 @@ def running_server(run: Path, variant: str, log_file: Path) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def scrape_batch_stats(url: str) -> tuple[float, float]:

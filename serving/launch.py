@@ -76,24 +76,30 @@ def bentoml_prometheus_dir() -> str:
     return os.path.join(home, "prometheus_multiproc_dir")
 
 
-# optional worker settings from the environment: (variable, flag, type)
+# optional worker settings from the environment: (variable, flag, type, zero allowed)
 WORKER_SETTINGS = (
-    ("MP2A_ADAPT_STEPS", "--steps", int),
-    ("MP2A_ADAPT_STAGES", "--stages", int),
-    ("MP2A_ADAPT_MIN_SAMPLES", "--min-samples", int),
-    ("MP2A_ADAPT_MAX_SAMPLES", "--max-samples", int),
+    ("MP2A_ADAPT_STEPS", "--steps", int, False),
+    ("MP2A_ADAPT_STAGES", "--stages", int, False),
+    ("MP2A_ADAPT_MIN_SAMPLES", "--min-samples", int, False),
+    ("MP2A_ADAPT_MAX_SAMPLES", "--max-samples", int, False),
+    ("MP2A_ADAPT_REFINE", "--refine", int, True),
+    ("MP2A_GATE_SOURCE_MARGIN", "--gate-source-margin", float, True),
+    ("MP2A_GATE_AGREEMENT_FLOOR", "--gate-agreement-floor", float, True),
 )
 
 
-def _positive(env: dict[str, str] | os._Environ, name: str, kind: type, default: str) -> str:
+def _positive(
+    env: dict[str, str] | os._Environ, name: str, kind: type, default: str, zero: bool = False
+) -> str:
     raw = env.get(name, "").strip() or default
     try:
-        ok = kind(raw) > 0
+        value = kind(raw)
+        ok = value >= 0 if zero else value > 0
     except ValueError:
         ok = False
     if not ok:
-        what = "integer" if kind is int else "number"
-        raise Mp2aError(f"{name} must be a positive {what}, got {raw!r}; fix or unset it")
+        what = ("non-negative " if zero else "positive ") + ("integer" if kind is int else "number")
+        raise Mp2aError(f"{name} must be a {what}, got {raw!r}; fix or unset it")
     return raw
 
 
@@ -111,9 +117,9 @@ def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str
     cmd = [sys.executable, "-m", "serving.worker", str(run.resolve()), "--store", str(store_path)]
     cmd += ["--interval", _positive(env, "MP2A_ADAPT_INTERVAL_S", float, "3600")]
     cmd += ["--min-new", _positive(env, "MP2A_ADAPT_MIN_NEW", int, "10000")]
-    for name, flag, kind in WORKER_SETTINGS:
+    for name, flag, kind, zero in WORKER_SETTINGS:
         if env.get(name, "").strip():
-            cmd += [flag, _positive(env, name, kind, "")]
+            cmd += [flag, _positive(env, name, kind, "", zero)]
     return cmd
 
 
@@ -181,6 +187,10 @@ class WorkerSupervisor:
             proc.wait()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(
     run: Path,
     port: int = 3000,
@@ -205,6 +215,9 @@ def serve(
         flush=True,
     )
     supervisor = WorkerSupervisor.from_env(run)  # a bad MP2A_ADAPT_* value fails here
+    # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: the server and the worker are
+    # shut down with us instead of being left running as orphans
+    signal.signal(signal.SIGTERM, _interrupt)
     proc = subprocess.Popen(serve_command(port, host), env=serve_env(run, backend, precision))
     try:
         if supervisor is not None:

@@ -75,11 +75,13 @@ class WorkerConfig:
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
+    refine: int = 0
     gate: gate.GateConfig = field(default_factory=gate.GateConfig)
 
 
 # what a request (POST /adapt's JSON body) may change for one run, with its upper bound
 REQUEST_SETTINGS = {
+    "refine": 100,
     "stages": 20,
     "steps_per_stage": 100_000,
     "max_samples": 1_000_000,
@@ -101,8 +103,9 @@ def request_overrides(body: object) -> dict[str, int]:
     out = {}
     for k, v in body.items():
         top = REQUEST_SETTINGS[k]
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
-            raise ValueError(f"{k} must be an integer in 1..{top}, got {v!r}")
+        low = 0 if k == "refine" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= top:
+            raise ValueError(f"{k} must be an integer in {low}..{top}, got {v!r}")
         out[k] = v
     return out
 
@@ -212,7 +215,7 @@ def _metrics() -> ServingMetrics | None:
 def _prompt_state(art: Artifact) -> tuple[dict | None, str | None]:
     """(prompt tensors or None, template or None) of a served version."""
     metrics = art.metrics()
-    cfg = art.manifest.get("prompt") or metrics.get("prompt") or {}
+    cfg = art.manifest.get("prompt") or {}
     template = cfg.get("template") or metrics.get("template")
     if PROMPTS_FILE in art.manifest.get("files", {}):
         return art.tensors(PROMPTS_FILE), template
@@ -317,6 +320,7 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=cfg.seed,
+        refine=cfg.refine,
     )
     t_fit = time.time()
     result = fit(
@@ -355,16 +359,16 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
             "seconds": round(time.time() - t0, 2),
         }
     new_prompts = {k: v.numpy().astype(np.float32) for k, v in learner.state().items()}
+    prompt_config = {
+        "template": template,
+        "n_class_ctx": learner.n_class_ctx,
+        "n_domain_ctx": learner.n_domain_ctx,
+        "fit": dataclasses.asdict(fit_cfg),
+    }
     metrics = {
         "method": "online-mp2a",
         "parent_version": served.version,
         "template": template,
-        "prompt": {
-            "template": template,
-            "n_class_ctx": learner.n_class_ctx,
-            "n_domain_ctx": learner.n_domain_ctx,
-            "fit": dataclasses.asdict(fit_cfg),
-        },
         "n_traffic": len(traffic),
         "per_stage": result.per_stage,
         "gate": decision,
@@ -379,6 +383,7 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         prompts=new_prompts,
         decision=decision,
         method="online-mp2a",
+        prompt_config=prompt_config,
     )
     return {
         "state": "accepted",
@@ -466,6 +471,23 @@ def loop(
     return done
 
 
+def lower_priority(kind: str) -> str:
+    """Lower this process's CPU priority; returns what was applied. SCHED_IDLE (Linux) runs
+    the worker only on otherwise idle CPU, and any serving thread that wakes up preempts it;
+    where it is unavailable, nice 10."""
+    if kind == "idle" and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+        except OSError as e:
+            log.warning("SCHED_IDLE refused (%s); using nice 10", e)
+    if kind in ("idle", "nice"):
+        with contextlib.suppress(OSError):
+            os.nice(10)
+        return "nice"
+    return "normal"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.worker", description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="the served artifact folder")
@@ -476,13 +498,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, default=WorkerConfig.max_samples)
     p.add_argument("--steps", type=int, default=WorkerConfig.steps_per_stage, help="per stage")
     p.add_argument("--stages", type=int, default=WorkerConfig.stages)
+    p.add_argument("--refine", type=int, default=WorkerConfig.refine, help="centroid rounds")
+    p.add_argument("--gate-source-margin", type=float, default=gate.GateConfig.source_margin)
+    p.add_argument("--gate-agreement-floor", type=float, default=gate.GateConfig.agreement_floor)
     p.add_argument("--poll", type=float, default=1.0, help="seconds between checks")
     p.add_argument("--once", action="store_true", help="run one adaptation now and exit")
-    p.add_argument("--nice", type=int, default=10, help="lower this process's CPU priority")
+    p.add_argument(
+        "--priority",
+        choices=["idle", "nice", "normal"],
+        default="idle",
+        help="CPU priority: idle (SCHED_IDLE: only cores serving leaves free; the default), "
+        "nice (nice 10), normal",
+    )
     a = p.parse_args(argv)
-    if a.nice:  # training must not take the cores that serving latency needs
-        with contextlib.suppress(OSError):
-            os.nice(a.nice)
+    lower_priority(a.priority)  # training must not take the cores serving latency needs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     store = a.store or a.run / "traffic.sqlite"
     cfg = WorkerConfig(
@@ -490,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
         min_samples=a.min_samples,
         steps_per_stage=a.steps,
         stages=a.stages,
+        refine=a.refine,
+        gate=gate.GateConfig(
+            source_margin=a.gate_source_margin, agreement_floor=a.gate_agreement_floor
+        ),
     )
     if a.once:
         recover(a.run)

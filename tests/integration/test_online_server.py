@@ -6,11 +6,13 @@ failure is counted in /metrics, and the served version stays complete and verifi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serving_server import free_port, process  # same folder (pytest puts it on the path)
+from test_serving_server import (  # same folder (pytest puts it on the path)
+    free_port,
+    process,
+    wait_http,
+)
 
 from mp2a import versions
 
@@ -152,3 +158,74 @@ def test_online_server_adapts_on_request_swaps_and_survives_a_killed_worker(
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-s"]))
+
+
+def _alive() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat[0] not in ("Z", "X"):
+                out[int(d.name)] = int(stat[1])
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    """`pid` and every process under it (BentoML's workers run in sessions of their own, so
+    a process group does not hold them all)."""
+    parents = _alive()
+    found, todo = {pid}, [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in found]
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
+def test_sigterm_stops_the_server_and_the_worker_with_it(street_run, tmp_path):
+    """docker stop / systemd send SIGTERM to `mp2a serve`: BentoML's processes and the
+    adaptation worker must go with it, not linger as orphans holding the port and CPU."""
+    run = tmp_path / "run"
+    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    port = free_port()
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
+        "MP2A_ONLINE": "1",
+    }
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
+    log = tmp_path / "serve.log"
+    family: set[int] = set()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
+            deadline = time.time() + 30
+            family = _descendants(proc.pid)
+            while len(family) < 4:  # launcher, bentoml serve, its worker, adaptation worker
+                assert time.time() < deadline, family
+                time.sleep(0.2)
+                family = _descendants(proc.pid)
+            proc.terminate()
+            assert proc.wait(timeout=30) != 0
+            deadline = time.time() + 15
+            while left := family & set(_alive()):
+                assert time.time() < deadline, f"left running: {left}"
+                time.sleep(0.2)
+        finally:
+            for pid in family | _descendants(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()

@@ -74,6 +74,7 @@ def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
         assert art.manifest["parent_version"] == 1
         assert art.manifest["decision"]["accepted"] is True
         assert "prompts.safetensors" in art.manifest["files"]
+        assert art.manifest["prompt"]["n_class_ctx"] == 4 and art.manifest["prompt"]["template"]
         assert versions.history(run)[0]["decision"] == art.manifest["decision"]
         # a second run starts from the published prompts
         again = worker.run_once(run, store, CFG)

@@ -90,6 +90,20 @@ def test_same_seed_is_byte_identical_and_parallel_safe(
     assert _hashes(tmp_path) == _hashes(root)
 
 
+def test_a_domain_subset_is_the_same_images(tree: tuple[Path, dict], tmp_path: Path) -> None:
+    root, _ = tree
+    meta = digits.build_digits(
+        tmp_path, seed=0, per_class=PER_CLASS, image_size=SIZE, workers=1, domains=["street"]
+    )
+    assert list(meta["domains"]) == ["street"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "street"]
+    full = {k: v for k, v in _hashes(root).items() if k.startswith("street/")}
+    assert {k: v for k, v in _hashes(tmp_path).items() if k != "meta.json"} == full
+    with pytest.raises(DataError, match=r"unknown DigitsDA domain.*'streets'"):
+        digits.build_digits(tmp_path / "x", per_class=1, domains=["streets"])
+    assert not (tmp_path / "x").exists()
+
+
 def test_other_seed_changes_every_domain(tree: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = tree
     digits.build_digits(tmp_path, seed=1, per_class=PER_CLASS, image_size=SIZE, workers=1)

@@ -9,6 +9,7 @@ from adapt.progressive import (
     FitConfig,
     fit,
     ratio_at,
+    refine_with_centroids,
     select_class_balanced,
     select_threshold,
 )
@@ -151,3 +152,25 @@ def test_learner_rejects_prompts_that_do_not_fit(micro_model_dir):
     lm = load_model(str(micro_model_dir))  # 16-token text tower
     with pytest.raises(DataError, match="do not fit"):
         MultiPromptLearner(lm, ["a very long class name " * 3], 1, "a photo of a {}.")
+
+
+def test_centroid_refinement_fixes_a_systematic_head_error():
+    """Three well-separated clusters; the head calls half of class 2 "class 1". Centroids
+    of the probability-weighted features pull those back; zero rounds changes nothing."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 16) * 4
+    y = np.repeat(np.arange(3), 100)
+    x = (centres[y] + rng.normal(0, 0.5, (300, 16))).astype(np.float32)
+    probs = np.eye(3, dtype=np.float32)[y] * 0.8 + 0.1
+    wrong = (y == 2) & (np.arange(300) % 2 == 0)
+    probs[wrong] = [0.1, 0.8, 0.1]
+    assert (probs.argmax(1) == y).mean() == pytest.approx(250 / 300)
+    assert np.array_equal(refine_with_centroids(x, probs, 0, 10.0), probs)
+    out = refine_with_centroids(x, probs, 3, 10.0)
+    assert out.shape == probs.shape and np.allclose(out.sum(1), 1, atol=1e-5)
+    assert (out.argmax(1) == y).mean() == 1.0
+    # a class no sample is given keeps no centroid (no probability mass appears for it)
+    none_for_2 = probs.copy()
+    none_for_2[:, 2] = 0
+    none_for_2 /= none_for_2.sum(1, keepdims=True)
+    assert refine_with_centroids(x, none_for_2, 2, 10.0)[:, 2].max() == 0

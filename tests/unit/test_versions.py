@@ -65,17 +65,25 @@ def test_unpublished_run_serves_itself(run):
     assert only["version"] == 1 and only["served"] and only["parent"] is None
 
 
+def test_a_version_without_prompts_has_no_prompt_config(run):
+    v = versions.publish(run, head(1), {}, prompt_config={"template": "ignored {}"})
+    assert load_artifact(run / "versions" / str(v)).manifest["prompt"] is None
+
+
 def test_publish_writes_a_complete_version_and_moves_current(run):
     h = head(1)
     prompts = {"ctx": np.ones((4, 8), np.float32)}
-    v = versions.publish(run, h, {"acc": 0.9}, decision={"accepted": True}, prompts=prompts)
+    cfg = {"template": "a {}.", "n_class_ctx": 4}
+    v = versions.publish(
+        run, h, {"acc": 0.9}, decision={"accepted": True}, prompts=prompts, prompt_config=cfg
+    )
     assert v == 2 and versions.current(run) == 2
     art = load_artifact(run / "versions" / "2")  # a complete artifact on its own
     np.testing.assert_array_equal(art.head.weight, h.weight)
     assert art.head.logit_scale == pytest.approx(41.0)
     assert art.manifest["parent_version"] == 1 and art.manifest["decision"] == {"accepted": True}
     assert art.classes == load_artifact(run).classes and art.metrics() == {"acc": 0.9}
-    assert "prompts.safetensors" in art.manifest["files"]
+    assert "prompts.safetensors" in art.manifest["files"] and art.manifest["prompt"] == cfg
     # the big source features are shared with the base, not copied
     base_sf, new_sf = run / SOURCE_FEATURES_FILE, art.path / SOURCE_FEATURES_FILE
     assert os.stat(base_sf).st_ino == os.stat(new_sf).st_ino
