@@ -272,6 +272,7 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         raise FileNotFoundError(f"no traffic store at {store_path}")
     store = TrafficStore(StoreConfig(path=store_path, dim=dim), start=False)
     traffic = store.read(limit=cfg.max_samples).embeddings
+    log.info("read %d traffic embeddings", len(traffic))
     if len(traffic) < cfg.min_samples:
         raise ValueError(
             f"{len(traffic)} stored traffic samples, need at least {cfg.min_samples}; serve "
@@ -289,7 +290,9 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
     from adapt.prompts import MultiPromptLearner
 
     t_load = time.time()
+    log.info("training stack imported")
     lm = load_backbone(served.backbone)
+    log.info("backbone loaded")
     classes = served.classes
     domains = sorted(int(d) for d in np.unique(src_d))
     if prompts is not None:
