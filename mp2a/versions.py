@@ -12,7 +12,9 @@ Layout inside the artifact folder RUN (version 1 is RUN itself, never copied):
                                  re-adaptation changes only the head, never the encoders
         rolled_back.json         written by `rollback`: this version was withdrawn
     RUN/versions/CURRENT         {"version": N}: the served version, replaced atomically
-    RUN/versions/.lock           flock held by publish / rollback / prune
+    RUN/versions/decisions.jsonl every adaptation outcome (accepted, rejected, failed) with its
+                                 figures, one JSON object a line, oldest first (capped)
+    RUN/versions/.lock           flock held by publish / rollback / prune / record_decision
     RUN/versions/.tmp-*          a publish in progress (or one that crashed: removed later)
 
 Crash safety: a version is written into a temporary folder (every file fsynced), renamed to
@@ -66,6 +68,8 @@ CURRENT = "CURRENT"
 ROLLED_BACK = "rolled_back.json"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
+DECISIONS = "decisions.jsonl"
+MAX_DECISIONS = 1000  # lines kept in decisions.jsonl (older ones are dropped)
 BASE_VERSION = 1
 DEFAULT_KEEP = 5
 
@@ -344,6 +348,52 @@ def history(run: Path | str, served: int | None = None) -> list[dict]:
             with contextlib.suppress(OSError, ValueError):
                 entry["rolled_back"] = json.loads((p / ROLLED_BACK).read_text())
         out.append(entry)
+    return out
+
+
+def record_decision(run: Path | str, entry: dict) -> None:
+    """Append one adaptation outcome to RUN/versions/decisions.jsonl (fsynced). Rejected and
+    failed runs publish no version, so this log is where their figures are kept. Past
+    MAX_DECISIONS lines the oldest are dropped (an atomic rewrite)."""
+    run = Path(run)
+    line = json.dumps({"recorded_at": _now(), **entry}, default=str)
+    with _locked(run) as d:
+        path = d / DECISIONS
+        with open(path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+            # a line a crash cut short is closed first, so it cannot swallow this one
+            f.write((b"\n" if torn else b"") + line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        lines = path.read_text().splitlines()
+        if len(lines) > MAX_DECISIONS:
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".jsonl", dir=d)
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join(lines[-MAX_DECISIONS:]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            fsync_dir(d)
+
+
+def decisions(run: Path | str, limit: int | None = None) -> list[dict]:
+    """Recorded adaptation outcomes, newest first (a damaged line is skipped)."""
+    path = versions_dir(run) / DECISIONS
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 

@@ -21,7 +21,7 @@ Configuration (environment, read when the worker starts):
 
 Endpoints: POST /predict (multipart `image`), POST /predict_batch (multipart `images`, repeated),
 GET /model, GET /livez, GET /readyz, GET /metrics (BentoML's, with the mp2a_* metrics),
-POST /rollback (admin), POST /adapt (admin), GET /adapt/status.
+POST /rollback (admin), POST /adapt (admin), GET /adapt/status, GET /adapt/history.
 
 The served head follows RUN/versions/CURRENT (serving/swap.py): a publish or rollback by any
 process is picked up by every worker within half a second, without failing a request.
@@ -230,6 +230,20 @@ def _adapt_status_route(_: Request) -> Response:
     return JSONResponse(status)
 
 
+def _adapt_history_route(request: Request) -> Response:
+    """GET /adapt/history[?limit=N]: recorded adaptation outcomes, newest first."""
+    svc = bentoml.get_current_service()
+    if svc is None:
+        return _not_loaded()
+    raw = request.query_params.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= versions.MAX_DECISIONS:
+        return JSONResponse(
+            {"error": f"limit must be an integer in 1..{versions.MAX_DECISIONS}, got {raw!r}"},
+            status_code=400,
+        )
+    return JSONResponse({"decisions": versions.decisions(svc.run, int(raw))})
+
+
 @bentoml.service(
     name="mp2a",
     workers=1,  # one model copy; ONNX Runtime's intra-op threads use every core
@@ -340,6 +354,7 @@ Mp2aService.mount_asgi_app(
             Route("/rollback", _rollback_route, methods=["POST"]),
             Route("/adapt", _adapt_route, methods=["POST"]),
             Route("/adapt/status", _adapt_status_route, methods=["GET"]),
+            Route("/adapt/history", _adapt_history_route, methods=["GET"]),
         ]
     )
 )

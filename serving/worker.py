@@ -156,6 +156,24 @@ def take_request(run: Path) -> dict | None:
         taken.unlink(missing_ok=True)
 
 
+DECISION_FIELDS = (
+    "state", "reasons", "request", "serving_version", "version", "started_at", "finished_at",
+    "seconds", "fit_seconds", "n_traffic", "pseudo_label_selected_ratio", "gate", "pid", "host",
+)  # fmt: skip
+
+
+def record(run: Path, status: dict) -> None:
+    """Keep a finished run's outcome in the version history (versions.record_decision):
+    rejected and failed runs publish nothing, so this is where their figures stay."""
+    entry = {k: status.get(k) for k in DECISION_FIELDS if k in status}
+    if isinstance(entry.get("gate"), dict):
+        entry["gate"] = {k: v for k, v in entry["gate"].items() if k != "config"}
+    try:
+        versions.record_decision(run, entry)
+    except OSError as e:
+        log.warning("cannot record the adaptation outcome in %s: %s", run, e)
+
+
 def _pid_alive(pid: int) -> bool:
     """The process exists and is not a zombie (killed, not yet reaped by its parent)."""
     try:
@@ -197,6 +215,7 @@ def recover(run: Path) -> dict | None:
         return None
     status = {**status, "state": "failed", "reasons": [reason], "finished_at": _now()}
     write_status(run, status)
+    record(run, status)
     if (m := _metrics()) is not None:
         m.adaptation_runs.labels(outcome="failed").inc()
     log.warning("%s", reason)
@@ -254,6 +273,7 @@ def run_once(
         }
     status["finished_at"] = _now()
     write_status(run, status)
+    record(run, status)
     if m is not None:
         m.adaptation_runs.labels(outcome=status["state"]).inc()
         m.adaptation_duration.observe(time.time() - t0)
@@ -463,8 +483,15 @@ def loop(
             run_cfg = dataclasses.replace(cfg, **request_overrides(request.get("settings")))
         except (ValueError, TypeError) as e:
             run_cfg = None
-            status = {"state": "failed", "request": request, "reasons": [f"bad request: {e}"]}
-            write_status(run, {**status, "seconds": 0.0, "finished_at": _now()})
+            status = {
+                "state": "failed",
+                "request": request,
+                "reasons": [f"bad request: {e}"],
+                "seconds": 0.0,
+                "finished_at": _now(),
+            }
+            write_status(run, status)
+            record(run, status)
             if (m := _metrics()) is not None:
                 m.adaptation_runs.labels(outcome="failed").inc()
         if run_cfg is not None:

@@ -593,3 +593,19 @@ def test_batch_endpoint_errors_name_the_bad_image(client, digits_small):
     r = client.post("/predict_batch", files={"image": ("a.png", ok)})
     assert r.status_code == 400 and "'images'" in r.json()["error"]
     assert client.get("/readyz").status_code == 200
+
+
+def test_adapt_history_lists_recorded_outcomes_newest_first(versioned_run):
+    with make_client(versioned_run) as c:
+        assert c.get("/adapt/history").json() == {"decisions": []}
+        versions.record_decision(versioned_run, {"state": "rejected", "reasons": ["entropy"]})
+        versions.record_decision(versioned_run, {"state": "accepted", "version": 2})
+        got = c.get("/adapt/history").json()["decisions"]
+        assert [d["state"] for d in got] == ["accepted", "rejected"]
+        assert got[1]["reasons"] == ["entropy"]
+        assert [d["state"] for d in c.get("/adapt/history?limit=1").json()["decisions"]] == [
+            "accepted"
+        ]
+        for bad in ("0", "-1", "x", "100000"):
+            r = c.get(f"/adapt/history?limit={bad}")
+            assert r.status_code == 400 and "limit must be an integer" in r.json()["error"]

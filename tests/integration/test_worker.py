@@ -67,6 +67,9 @@ def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
         assert isinstance(g[k], float)
     assert status["n_traffic"] == len(street_embeddings) and status["seconds"] > 0
     assert status["start"].startswith("hand template")  # a zero-shot artifact has no prompts
+    (logged,) = versions.decisions(run)  # every outcome is kept, a rejected one included
+    assert logged["state"] == status["state"] and logged["gate"]["agreement"] == g["agreement"]
+    assert "config" not in logged["gate"] and logged["n_traffic"] == len(street_embeddings)
     print("\nworker status:", json.dumps({k: v for k, v in status.items() if k != "per_stage"}))
     if status["state"] == "accepted":
         assert versions.current(run) == 2 == status["version"]
@@ -94,6 +97,7 @@ def test_a_failing_run_reports_failed_and_keeps_the_served_version(run):
     assert versions.current(run) == 1 and not (versions.versions_dir(run) / "2").exists()
     missing = worker.run_once(run, run / "nope.sqlite", CFG)
     assert missing["state"] == "failed" and "no traffic store" in missing["reasons"][0]
+    assert [d["state"] for d in versions.decisions(run)] == ["failed", "failed"]
 
 
 def test_the_loop_consumes_a_request_in_one_iteration(run, street_embeddings):
@@ -180,6 +184,8 @@ def test_a_run_killed_mid_way_is_marked_failed_by_the_next_worker(run, street_em
     assert status["state"] == "failed" and f"pid {proc.pid}" in status["reasons"][0]
     assert versions.current(run) == 1 and not (versions.versions_dir(run) / "2").exists()
     assert worker.recover(run) is None  # once only
+    (logged,) = versions.decisions(run)
+    assert logged["state"] == "failed" and logged["pid"] == proc.pid
 
 
 def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):

@@ -224,3 +224,20 @@ def test_sigkill_mid_publish_leaves_a_verified_current(run, tmp_path, monkeypatc
     assert max(seen) > 2, "the publisher must have published before being killed"
     versions.publish(run, head(5), {})  # the store is usable after the crashes
     assert not [p for p in (run / "versions").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_decisions_are_appended_newest_first_capped_and_damage_tolerant(run, monkeypatch):
+    assert versions.decisions(run) == []
+    for i in range(5):
+        versions.record_decision(run, {"state": "rejected", "i": i, "reasons": ["r"]})
+    got = versions.decisions(run)
+    assert [d["i"] for d in got] == [4, 3, 2, 1, 0] and all(d["recorded_at"] for d in got)
+    assert [d["i"] for d in versions.decisions(run, limit=2)] == [4, 3]
+    with open(versions.versions_dir(run) / versions.DECISIONS, "a") as f:
+        f.write('{"half a line')  # a crash mid-append: no newline
+    versions.record_decision(run, {"state": "accepted", "i": 5})
+    assert [d["i"] for d in versions.decisions(run)] == [5, 4, 3, 2, 1, 0]
+    monkeypatch.setattr(versions, "MAX_DECISIONS", 3)
+    versions.record_decision(run, {"state": "failed", "i": 6})
+    assert [d["i"] for d in versions.decisions(run)] == [6, 5]  # 3 lines: 6, 5, the damaged
+    assert not list(versions.versions_dir(run).glob(versions.TMP_PREFIX + "*"))
