@@ -8,6 +8,7 @@ the error says which command to run where it is.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -144,6 +145,12 @@ class WorkerSupervisor:
     def from_env(cls, run: Path) -> WorkerSupervisor | None:
         if os.environ.get("MP2A_ONLINE", "").strip() != "1":
             return None
+        missing = [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
+        if missing:  # an edge install: serving only
+            raise Mp2aError(
+                f"MP2A_ONLINE=1 needs the training stack ({', '.join(missing)} not installed): "
+                "pip install 'mp2a[train]', or run `python -m serving.worker RUN` where it is"
+            )
         cmd = worker_command(run)
         return None if cmd is None else cls(run, cmd)
 

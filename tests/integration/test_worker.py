@@ -202,3 +202,21 @@ def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):
     cmd = worker_command(tmp_path, {"MP2A_ADAPT_STEPS": "7", "MP2A_ADAPT_MAX_SAMPLES": "900"})
     assert cmd is not None
     assert cmd[cmd.index("--steps") + 1] == "7" and cmd[cmd.index("--max-samples") + 1] == "900"
+
+
+def test_online_serving_without_the_training_stack_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from mp2a.errors import Mp2aError
+    from serving.launch import WorkerSupervisor
+
+    monkeypatch.setenv("MP2A_ONLINE", "1")
+    assert WorkerSupervisor.from_env(tmp_path) is not None  # this machine has torch
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    with pytest.raises(Mp2aError, match=r"MP2A_ONLINE=1 needs the training stack \(torch"):
+        WorkerSupervisor.from_env(tmp_path)
+    monkeypatch.setenv("MP2A_ONLINE", "0")
+    assert WorkerSupervisor.from_env(tmp_path) is None
