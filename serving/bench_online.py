@@ -215,10 +215,9 @@ def online_server(run: Path, env: dict[str, str], log_file: Path) -> Iterator[st
 
 def run(quick: bool = False, plan: OnlinePlan | None = None, work: Path | None = None) -> dict:
     plan = plan or (OnlinePlan.quick() if quick else OnlinePlan())
-    if plan.adapted_for == plan.stream_domain or {plan.adapted_for, plan.stream_domain} - set(
-        DOMAINS
-    ):
-        raise ValueError(f"adapted_for and stream_domain: two different domains of {DOMAINS}")
+    pair = {plan.adapted_for, plan.stream_domain}
+    if len(pair) != 2 or not pair <= set(DOMAINS):
+        raise Mp2aError(f"adapted_for and stream_domain: two different domains of {DOMAINS}")
     t_all = time.time()
     with contextlib.ExitStack() as stack:
         if work is None:
