@@ -19,7 +19,10 @@ One run (`run_once`):
      (parent = the served version, the gate's figures as `decision`); rejected → nothing is
      published.
 Every step is reported in RUN/versions/adapt_status.json (written atomically):
-running → accepted | rejected | failed, with reasons and figures.
+running → accepted | rejected | failed, with reasons and figures; the outcome is also appended
+to RUN/versions/decisions.jsonl (versions.record_decision). A run whose worker died leaves
+"running" with a dead pid: GET /adapt/status reports it failed (`stale_reason`) and the next
+worker records it so (`recover`).
 
 The loop (`loop`, the CLI) starts a run when RUN/versions/adapt_request.json appears (POST
 /adapt writes it; the worker takes it with an atomic rename), every `interval` seconds, and/or
