@@ -223,8 +223,10 @@ def serve(
     )
     supervisor = WorkerSupervisor.from_env(run)  # a bad MP2A_ADAPT_* value fails here
     # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: the server and the worker are
-    # shut down with us instead of being left running as orphans
+    # shut down with us instead of being left running as orphans. SIGINT is set too: a shell
+    # starts background jobs with it ignored, and a Python started so never installs its own.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     proc = subprocess.Popen(serve_command(port, host), env=serve_env(run, backend, precision))
     try:
         if supervisor is not None:

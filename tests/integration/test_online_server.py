@@ -22,6 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving_server import (  # same folder (pytest puts it on the path)
+    alive_processes,
+    descendants,
     free_port,
     process,
     wait_http,
@@ -167,33 +169,6 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-s"]))
 
 
-def _alive() -> dict[int, int]:
-    """pid -> parent pid of every live (non-zombie) process, from /proc."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if stat[0] not in ("Z", "X"):
-                out[int(d.name)] = int(stat[1])
-    return out
-
-
-def _descendants(pid: int) -> set[int]:
-    """`pid` and every process under it (BentoML's workers run in sessions of their own, so
-    a process group does not hold them all)."""
-    parents = _alive()
-    found, todo = {pid}, [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p and c not in found]
-        found.update(kids)
-        todo.extend(kids)
-    return found
-
-
 def test_sigterm_stops_the_server_and_the_worker_with_it(street_run, tmp_path):
     """docker stop / systemd send SIGTERM to `mp2a serve`: BentoML's processes and the
     adaptation worker must go with it, not linger as orphans holding the port and CPU."""
@@ -220,19 +195,19 @@ def test_sigterm_stops_the_server_and_the_worker_with_it(street_run, tmp_path):
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
             deadline = time.time() + 30
-            family = _descendants(proc.pid)
+            family = descendants(proc.pid)
             while len(family) < 4:  # launcher, bentoml serve, its worker, adaptation worker
                 assert time.time() < deadline, family
                 time.sleep(0.2)
-                family = _descendants(proc.pid)
+                family = descendants(proc.pid)
             proc.terminate()
             assert proc.wait(timeout=30) != 0
             deadline = time.time() + 15
-            while left := family & set(_alive()):
+            while left := family & set(alive_processes()):
                 assert time.time() < deadline, f"left running: {left}"
                 time.sleep(0.2)
         finally:
-            for pid in family | _descendants(proc.pid):
+            for pid in family | descendants(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()

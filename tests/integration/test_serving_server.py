@@ -53,6 +53,33 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.
     raise AssertionError(f"{url} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def alive_processes() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat[0] not in ("Z", "X"):
+                out[int(d.name)] = int(stat[1])
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process under it (BentoML's workers run in sessions of their own, so
+    a process group does not hold them all)."""
+    parents = alive_processes()
+    found, todo = {pid}, [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p and c not in found]
+        found.update(kids)
+        todo.extend(kids)
+    return found
+
+
 @contextlib.contextmanager
 def process(cmd: list[str], env: dict, log: Path, ready_url: str) -> Iterator[subprocess.Popen]:
     with open(log, "wb") as out:
@@ -61,9 +88,9 @@ def process(cmd: list[str], env: dict, log: Path, ready_url: str) -> Iterator[su
             wait_http(ready_url, proc, log)
             yield proc
         finally:
-            proc.send_signal(signal.SIGINT)
+            proc.terminate()  # SIGTERM, as a process manager stops it
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -215,14 +242,13 @@ def test_real_server_hot_swaps_a_published_version_and_rolls_back(run_dir, expec
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: SIGKILL reaches the workers too
         )
         try:
             wait_http(url + "/readyz", proc, tmp_path / "killed.log")
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        finally:  # every process of it at once, as a crash of the machine would
+            for pid in descendants(proc.pid):  # BentoML's workers run in their own sessions
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
