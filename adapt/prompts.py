@@ -12,6 +12,9 @@ these contexts train; the text tower stays frozen and runs over embeddings.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,6 +97,19 @@ class MultiPromptLearner(nn.Module):
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"domain_ctx": self.domain_ctx.detach(), "class_ctx": self.class_ctx.detach()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """`state` as float32 arrays: the artifact's prompts.safetensors."""
+        return {k: v.numpy().astype(np.float32) for k, v in self.state().items()}
+
+    def config(self, fit: object) -> dict:
+        """The manifest's `prompt` entry: template, context sizes and the fit settings."""
+        return {
+            "template": self.template,
+            "n_class_ctx": self.n_class_ctx,
+            "n_domain_ctx": self.n_domain_ctx,
+            "fit": dataclasses.asdict(fit),
+        }
 
     def load_state(self, t: dict[str, torch.Tensor]) -> None:
         """Start from saved contexts (e.g. the serving artifact's prompts)."""

@@ -178,13 +178,8 @@ def adapt(req: AdaptRequest) -> dict:
         )
         head = Head(weight=result.head_weight, logit_scale=scale)
         per_stage = result.per_stage
-        prompts = {k: v.numpy().astype(np.float32) for k, v in learner.state().items()}
-        prompt_config = {
-            "template": template,
-            "n_class_ctx": learner.n_class_ctx,
-            "n_domain_ctx": learner.n_domain_ctx,
-            "fit": dataclasses.asdict(cfg),
-        }
+        prompts = learner.arrays()
+        prompt_config = learner.config(cfg)
 
     target_acc = accuracy(head.probs(test.features), test.labels) if test.labeled else None
     metrics = {

@@ -230,15 +230,18 @@ def scrape_batch_stats(url: str) -> tuple[float, float]:
 # ---------------------------------------------------------------- load generator
 
 
-def multipart(image: bytes) -> bytes:
+def multipart(
+    images: bytes | list[bytes], field: str = "image", content_type: str = "image/jpeg"
+) -> bytes:
+    """A multipart/form-data body (boundary BOUNDARY): one part per image, all in `field`."""
+    parts = [images] if isinstance(images, bytes) else images
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename='
     return (
-        (
-            f"--{BOUNDARY}\r\n"
-            'Content-Disposition: form-data; name="image"; filename="bench.jpg"\r\n'
-            "Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{BOUNDARY}--\r\n".encode()
+        b"".join(
+            f'{head}"{i}.img"\r\nContent-Type: {content_type}\r\n\r\n'.encode() + img + b"\r\n"
+            for i, img in enumerate(parts)
+        )
+        + f"--{BOUNDARY}--\r\n".encode()
     )
 
 

@@ -26,7 +26,6 @@ import os
 import secrets
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -42,12 +41,13 @@ from pathlib import Path
 import numpy as np
 
 from mp2a.errors import Mp2aError
-from serving.bench import free_port, wait_ready
+from serving.bench import BOUNDARY, free_port, multipart, wait_ready
 from serving.launch import REPO_ROOT
+from serving.store import peek_int
 
 log = logging.getLogger(__name__)
 
-BOUNDARY = "mp2a-online-bench"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
 DOMAINS = ("printed", "handwritten", "textured", "street")
 
 
@@ -85,21 +85,6 @@ def _images(root: Path, domain: str, classes: list[str]) -> tuple[list[bytes], n
     return [f.read_bytes() for f in files], labels
 
 
-def _multipart(images: list[bytes], field: str) -> tuple[bytes, str]:
-    parts = []
-    for i, img in enumerate(images):
-        parts.append(
-            (
-                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; '
-                f'filename="{i}.png"\r\nContent-Type: image/png\r\n\r\n'
-            ).encode()
-            + img
-            + b"\r\n"
-        )
-    body = b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
-    return body, f"multipart/form-data; boundary={BOUNDARY}"
-
-
 def _post(url: str, body: bytes, ctype: str, headers: dict | None = None) -> dict:
     req = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": ctype, **(headers or {})}
@@ -118,8 +103,8 @@ def served_labels(url: str, images: list[bytes], classes: list[str], batch: int)
     chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
 
     def one(chunk: list[bytes]) -> list[dict]:
-        body, ctype = _multipart(chunk, "images")
-        return _post(url + "/predict_batch", body, ctype)["predictions"]
+        body = multipart(chunk, "images", "image/png")
+        return _post(url + "/predict_batch", body, CONTENT_TYPE)["predictions"]
 
     with ThreadPoolExecutor(2) as pool:
         answers = [p for part in pool.map(one, chunks) for p in part]
@@ -132,7 +117,7 @@ class Probe:
     """Open-loop latency probe: one /predict every 1/rate s, each on its own thread."""
 
     def __init__(self, url: str, image: bytes, rate: float) -> None:
-        self.body, self.ctype = _multipart([image], "image")
+        self.body, self.ctype = multipart(image, "image", "image/png"), CONTENT_TYPE
         self.url, self.rate = url + "/predict", rate
         self.samples: list[tuple[float, float, bool]] = []  # (start, latency s, ok)
         self._lock = threading.Lock()
@@ -171,18 +156,6 @@ class Probe:
             "p99_ms": round(float(np.percentile(ms, 99)), 2),
             "max_ms": round(float(ms.max()), 2),
         }
-
-
-def _stored(path: Path) -> int:
-    if not path.exists():
-        return 0
-    con = sqlite3.connect(path)
-    try:
-        return int(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        con.close()
 
 
 @contextlib.contextmanager
@@ -292,9 +265,10 @@ def _run(plan: OnlinePlan, work: Path, t_all: float) -> dict:
         stream_seconds = time.time() - t_stream
         stream_before = float((pred == y_stream).mean())
         deadline = time.time() + 120
-        while _stored(store) < len(stream) + len(fresh):
+        rows = "SELECT COUNT(*) FROM samples"
+        while (n := peek_int(store, rows)) < len(stream) + len(fresh):
             if time.time() > deadline:
-                raise Mp2aError(f"only {_stored(store)} rows reached {store}")
+                raise Mp2aError(f"only {n} rows reached {store}")
             time.sleep(0.2)
 
         # this client holds ~11k images: keep its garbage collector from pausing the probe

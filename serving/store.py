@@ -178,6 +178,26 @@ def connect(path: Path) -> sqlite3.Connection:
     return con
 
 
+def read_int(path: Path, sql: str) -> int:
+    """One integer query on a store file (its own short-lived connection)."""
+    con = connect(path)
+    try:
+        return int(con.execute(sql).fetchone()[0])
+    finally:
+        con.close()
+
+
+def peek_int(path: Path, sql: str) -> int:
+    """`read_int`, or 0 while the store does not exist yet or cannot be read (pollers)."""
+    if not Path(path).is_file():
+        return 0
+    try:
+        return read_int(path, sql)
+    except sqlite3.Error as e:
+        log.debug("cannot read %s: %s", path, e)
+        return 0
+
+
 class TrafficStore:
     """Thread-safe `offer()` from request threads; one writer thread per instance."""
 
@@ -373,18 +393,10 @@ class TrafficStore:
 
     def count(self) -> int:
         """Rows in the store (all processes' writes)."""
-        con = connect(self.path)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
-        finally:
-            con.close()
+        return read_int(self.path, "SELECT COUNT(*) FROM samples")
 
     def image_count(self) -> int:
-        con = connect(self.path)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM images").fetchone()[0])
-        finally:
-            con.close()
+        return read_int(self.path, "SELECT COUNT(*) FROM images")
 
     def versions(self) -> dict[str, int]:
         """Rows per model version."""

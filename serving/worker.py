@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import socket
-import sqlite3
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact
 from mp2a.head import Head
 from serving import gate
 from serving.metrics import ServingMetrics
-from serving.store import StoreConfig, TrafficStore, connect
+from serving.store import StoreConfig, TrafficStore, peek_int
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,9 @@ TAKEN_PREFIX = ".taken-"
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Online-run settings. The fit fields mirror adapt.progressive.FitConfig, which lives
-    with torch: the server process imports this module and must stay torch-free."""
+    """Online-run settings. Fields named as in adapt.progressive.FitConfig are passed to it
+    (FitConfig lives with torch: the server process imports this module and stays
+    torch-free)."""
 
     max_samples: int = 10_000  # newest stored embeddings used per run
     min_samples: int = 50  # fewer stored samples: the run fails (a request) or waits (schedule)
@@ -339,15 +339,10 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
     sources = [(src_x[~src_hold & (src_d == d)], src_y[~src_hold & (src_d == d)]) for d in domains]
     target = traffic[~tr_hold]
     serving_head = served.head
-    fit_cfg = FitConfig(
-        stages=cfg.stages,
-        r0=cfg.r0,
-        steps_per_stage=cfg.steps_per_stage,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        refine=cfg.refine,
-    )
+    shared = {f.name for f in dataclasses.fields(FitConfig)} & {
+        f.name for f in dataclasses.fields(cfg)
+    }
+    fit_cfg = FitConfig(**{k: getattr(cfg, k) for k in shared})  # the fields they share
     t_fit = time.time()
     result = fit(
         learner,
@@ -384,13 +379,6 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
             "reasons": decision["reasons"],
             "seconds": round(time.time() - t0, 2),
         }
-    new_prompts = {k: v.numpy().astype(np.float32) for k, v in learner.state().items()}
-    prompt_config = {
-        "template": template,
-        "n_class_ctx": learner.n_class_ctx,
-        "n_domain_ctx": learner.n_domain_ctx,
-        "fit": dataclasses.asdict(fit_cfg),
-    }
     metrics = {
         "method": "online-mp2a",
         "parent_version": served.version,
@@ -406,10 +394,10 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         candidate,
         metrics,
         parent=served.version,
-        prompts=new_prompts,
+        prompts=learner.arrays(),
         decision=decision,
         method="online-mp2a",
-        prompt_config=prompt_config,
+        prompt_config=learner.config(fit_cfg),
     )
     return {
         "state": "accepted",
@@ -421,28 +409,13 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
     }
 
 
-def _store_scalar(store_path: Path, sql: str) -> int:
-    """One integer read from the store (0 when it is absent or unreadable)."""
-    if not store_path.is_file():
-        return 0
-    try:
-        con = connect(store_path)
-        try:
-            return int(con.execute(sql).fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        log.warning("cannot read %s: %s", store_path, e)
-        return 0
-
-
 def _max_id(store_path: Path) -> int:
     """The newest row id: counts new samples without reading them."""
-    return _store_scalar(store_path, "SELECT COALESCE(MAX(id), 0) FROM samples")
+    return peek_int(store_path, "SELECT COALESCE(MAX(id), 0) FROM samples")
 
 
 def _rows(store_path: Path) -> int:
-    return _store_scalar(store_path, "SELECT COUNT(*) FROM samples")
+    return peek_int(store_path, "SELECT COUNT(*) FROM samples")
 
 
 def loop(

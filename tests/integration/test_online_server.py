@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,11 +24,13 @@ from test_serving_server import (  # same folder (pytest puts it on the path)
     alive_processes,
     descendants,
     free_port,
+    predict_ok,
     process,
     wait_http,
 )
 
 from mp2a import versions
+from serving.store import peek_int
 
 TOKEN = "online-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -58,18 +59,6 @@ def wait_status(c: httpx.Client, request_id: str, states: set[str], timeout=180.
         time.sleep(0.1)
 
 
-def stored_rows(path: Path) -> int:
-    if not path.exists():
-        return 0
-    con = sqlite3.connect(path)
-    try:
-        return con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
-    except sqlite3.OperationalError:  # the server has not created the table yet
-        return 0
-    finally:
-        con.close()
-
-
 def test_online_server_adapts_on_request_swaps_and_survives_a_killed_worker(
     street_run, digits_small, tmp_path
 ):
@@ -96,15 +85,13 @@ def test_online_server_adapts_on_request_swaps_and_survives_a_killed_worker(
     ):
 
         def predict(f: Path) -> dict:
-            r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
-            assert r.status_code == 200, r.text
-            return r.json()
+            return predict_ok(c, f)
 
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(predict, files * 2))
         assert {a["model_version"] for a in answers} == {"1"}
         deadline = time.time() + 30
-        while stored_rows(run / "traffic.sqlite") < len(answers):
+        while peek_int(run / "traffic.sqlite", "SELECT COUNT(*) FROM samples") < len(answers):
             assert time.time() < deadline, "traffic never reached the store"
             time.sleep(0.2)
         assert c.get("/adapt/status").json()["state"] == "idle"

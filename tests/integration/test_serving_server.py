@@ -80,6 +80,13 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def predict_ok(c: httpx.Client, f: Path) -> dict:
+    """POST /predict of one PNG file; asserts a 200 and returns the JSON answer."""
+    r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 @contextlib.contextmanager
 def process(cmd: list[str], env: dict, log: Path, ready_url: str) -> Iterator[subprocess.Popen]:
     with open(log, "wb") as out:
@@ -202,9 +209,7 @@ def test_real_server_hot_swaps_a_published_version_and_rolls_back(run_dir, expec
     ):
 
         def predict(f: Path) -> dict:
-            r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
-            assert r.status_code == 200, r.text
-            return r.json()
+            return predict_ok(c, f)
 
         assert predict(files[0])["model_version"] == "1"
         assert versions.publish(run, new, {"note": "published by the test"}) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.store import StoreConfig, StoreError, TrafficStore
+from serving.store import StoreConfig, StoreError, TrafficStore, peek_int, read_int
 
 D = 8
 
@@ -192,3 +192,17 @@ def test_two_processes_writing_one_file_lose_nothing(tmp_path):
     reader = TrafficStore(StoreConfig(path=path, dim=D), start=False)
     assert reader.versions() == {"p0": 300, "p1": 300}
     assert len(np.unique(reader.read().embeddings[:, 0])) == 600
+
+
+def test_peek_int_reads_zero_until_the_store_exists_and_then_the_rows(tmp_path):
+    path = tmp_path / "t.sqlite"
+    rows = "SELECT COUNT(*) FROM samples"
+    assert peek_int(path, rows) == 0 and not path.exists()  # never creates the file
+    store = TrafficStore(StoreConfig(path=path, dim=4))
+    for i in range(3):
+        store.offer(np.ones(4, np.float32), i, 0.5, "1")
+    store.close()
+    assert peek_int(path, rows) == read_int(path, rows) == 3
+    assert peek_int(path, "SELECT COUNT(*) FROM no_such_table") == 0
+    with pytest.raises(sqlite3.OperationalError):
+        read_int(path, "SELECT COUNT(*) FROM no_such_table")
