@@ -7,6 +7,7 @@ failure is counted in /metrics, and the served version stays complete and verifi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -25,7 +25,7 @@ from test_serving_server import (  # same folder (pytest puts it on the path)
     descendants,
     free_port,
     predict_ok,
-    process,
+    serve_client,
     wait_http,
 )
 
@@ -64,8 +64,6 @@ def test_online_server_adapts_on_request_swaps_and_survives_a_killed_worker(
 ):
     run = tmp_path / "run"
     shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "BENTOML_DO_NOT_TRACK": "True",
@@ -79,13 +77,8 @@ def test_online_server_adapts_on_request_swaps_and_survives_a_killed_worker(
     cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
     files = sorted(digits_small.glob("street/*/*.png"))
     log = tmp_path / "serve.log"
-    with (
-        process([*cmd, "--port", str(port)], env, log, url + "/readyz"),
-        httpx.Client(base_url=url, timeout=60) as c,
-    ):
-
-        def predict(f: Path) -> dict:
-            return predict_ok(c, f)
+    with serve_client(cmd, env, log) as c:
+        predict = functools.partial(predict_ok, c)
 
         with ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(predict, files * 2))

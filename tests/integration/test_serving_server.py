@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -85,6 +86,18 @@ def predict_ok(c: httpx.Client, f: Path) -> dict:
     r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
     assert r.status_code == 200, r.text
     return r.json()
+
+
+@contextlib.contextmanager
+def serve_client(cmd: list[str], env: dict, log: Path) -> Iterator[httpx.Client]:
+    """`cmd --port P` on a free port until the block ends; yields an HTTP client of it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with (
+        process([*cmd, "--port", str(port)], env, log, url + "/readyz"),
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
+        yield c
 
 
 @contextlib.contextmanager
@@ -189,8 +202,6 @@ def test_real_server_hot_swaps_a_published_version_and_rolls_back(run_dir, expec
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
     art = load_artifact(run)
     token = "server-test-token"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "MP2A_ADMIN_TOKEN": token}
     env["MP2A_STORE"] = "off"
@@ -203,13 +214,8 @@ def test_real_server_hot_swaps_a_published_version_and_rolls_back(run_dir, expec
     emb = enc(preprocess_batch([Image.open(f).convert("RGB") for f in files], art.preprocessing))
     new = Head(np.roll(art.head.weight, 3, axis=1), art.head.logit_scale)
     log = tmp_path / "serve.log"
-    with (
-        process([*cmd, "--port", str(port)], env, log, url + "/readyz"),
-        httpx.Client(base_url=url, timeout=60) as c,
-    ):
-
-        def predict(f: Path) -> dict:
-            return predict_ok(c, f)
+    with serve_client(cmd, env, log) as c:
+        predict = functools.partial(predict_ok, c)
 
         assert predict(files[0])["model_version"] == "1"
         assert versions.publish(run, new, {"note": "published by the test"}) == 2

@@ -16,7 +16,7 @@ from mp2a.head import Head, l2_normalize
 from mp2a.preprocess import PreprocessSpec
 
 
-def _contents(seed: int = 0, version: int = 1) -> ArtifactContents:
+def small_contents(seed: int = 0, version: int = 1) -> ArtifactContents:
     rng = np.random.default_rng(seed)
     w = l2_normalize(rng.normal(size=(2, 3, 8)).astype(np.float32))
     return ArtifactContents(
@@ -39,7 +39,7 @@ def _contents(seed: int = 0, version: int = 1) -> ArtifactContents:
 
 
 def test_round_trip(tmp_path):
-    c = _contents()
+    c = small_contents()
     write_artifact(tmp_path / "run", c)
     a = load_artifact(tmp_path / "run")
     np.testing.assert_array_equal(a.head.weight, c.head.weight)
@@ -63,20 +63,20 @@ def test_round_trip(tmp_path):
 
 
 def test_rewrite_replaces_whole_artifact(tmp_path):
-    write_artifact(tmp_path / "run", _contents(0))
+    write_artifact(tmp_path / "run", small_contents(0))
     (tmp_path / "run" / "export").mkdir()
     (tmp_path / "run" / "export" / "kept.txt").write_text("x")
-    write_artifact(tmp_path / "run", _contents(1, version=2))
+    write_artifact(tmp_path / "run", small_contents(1, version=2))
     a = load_artifact(tmp_path / "run")
     assert a.version == 2
-    np.testing.assert_array_equal(a.head.weight, _contents(1).head.weight)
+    np.testing.assert_array_equal(a.head.weight, small_contents(1).head.weight)
     assert (tmp_path / "run" / "export" / "kept.txt").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.parametrize("victim", [HEAD_FILE, "source_features.safetensors", "metrics.json"])
 def test_corrupted_file_is_refused(tmp_path, victim):
-    write_artifact(tmp_path / "run", _contents())
+    write_artifact(tmp_path / "run", small_contents())
     f = tmp_path / "run" / victim
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -86,7 +86,7 @@ def test_corrupted_file_is_refused(tmp_path, victim):
 
 
 def test_missing_file_and_missing_manifest(tmp_path):
-    write_artifact(tmp_path / "run", _contents())
+    write_artifact(tmp_path / "run", small_contents())
     (tmp_path / "run" / HEAD_FILE).unlink()
     with pytest.raises(ArtifactError, match="missing"):
         load_artifact(tmp_path / "run")
@@ -95,7 +95,7 @@ def test_missing_file_and_missing_manifest(tmp_path):
 
 
 def test_bad_manifest_json(tmp_path):
-    write_artifact(tmp_path / "run", _contents())
+    write_artifact(tmp_path / "run", small_contents())
     (tmp_path / "run" / MANIFEST).write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_artifact(tmp_path / "run")
@@ -108,7 +108,7 @@ def test_refuses_to_overwrite_non_artifact(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "precious.txt").write_text("keep me")
     with pytest.raises(ArtifactError, match="not an mp2a artifact"):
-        write_artifact(tmp_path / "run", _contents())
+        write_artifact(tmp_path / "run", small_contents())
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
 
 

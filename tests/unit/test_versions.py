@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,19 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_artifact import small_contents  # same folder (pytest puts it on the path)
 
 from mp2a import versions
 from mp2a.artifact import (
     HEAD_FILE,
     SOURCE_FEATURES_FILE,
-    ArtifactContents,
-    Backbone,
     load_artifact,
     write_artifact,
 )
 from mp2a.errors import ArtifactError
 from mp2a.head import Head, l2_normalize
-from mp2a.preprocess import PreprocessSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,22 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     """A small real artifact (3 classes, D=8): version 1."""
-    rng = np.random.default_rng(0)
-    c = ArtifactContents(
-        backbone=Backbone("tiny-digits", None, "ab" * 32, 8),
-        classes=["zero", "one", "two"],
-        preprocessing=PreprocessSpec(32),
-        head=head(0),
-        method="zeroshot",
-        source_features={
-            "features": rng.normal(size=(5, 8)).astype(np.float32),
-            "labels": np.arange(5, dtype=np.int64) % 3,
-            "domains": np.zeros(5, np.int64),
-        },
-        source_domains=["printed"],
-        target_domain="street",
-        metrics={"method": "zeroshot"},
-    )
+    c = small_contents()  # test_artifact.py's, with this module's head
+    c = dataclasses.replace(c, head=head(0), metrics={"method": "zeroshot"}, extra_files={})
     return write_artifact(tmp_path / "run", c)
 
 
