@@ -14,7 +14,7 @@
 # Online adaptation: this image only serves (and keeps traffic embeddings in
 # RUN/traffic.sqlite). The adaptation worker needs the training stack (torch, open_clip):
 # mount RUN as a volume shared with a second container that has `pip install mp2a[train]`
-# and runs `python -m serving.worker /app/runs/default`; the server hot-swaps what the worker
+# and runs `python -m online.worker /app/runs/default`; the server hot-swaps what the worker
 # publishes. Give this one MP2A_ADMIN_TOKEN to enable POST /adapt and POST /rollback.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}

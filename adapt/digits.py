@@ -15,6 +15,9 @@ Domains (classes `zero` ... `nine`):
 - `street`      SVHN-like: a coloured bold digit with neighbouring digits cut by the image
                 edges, gradient background, clutter, blur and a low-resolution look.
 
+Two more target styles, `lcd` and `dotmatrix` (adapt/shift.py), are built only when asked for
+(`domains=`): they are held-out targets beside the leave-one-domain-out protocol.
+
 Every (seed, domain, class) has its own random stream, so the same seed gives byte-identical
 files and a domain does not change when another one does.
 """
@@ -37,11 +40,13 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from adapt.glyphs import CLASS_NAMES, PRINTED_FONTS, load_font, render_glyph
+from adapt.shift import SHIFT_DOMAINS, render_dotmatrix, render_lcd
 from mp2a.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-DOMAINS = ("printed", "handwritten", "textured", "street")
+DOMAINS = ("printed", "handwritten", "textured", "street")  # built by default
+ALL_DOMAINS = DOMAINS + SHIFT_DOMAINS
 PROMPT_TEMPLATE = "a photo of the number {}."
 NAME = "DigitsDA"
 FORMAT_VERSION = 1
@@ -291,7 +296,7 @@ def _render_street(rng: np.random.Generator, digit: int, size: int) -> Image.Ima
 
 
 def _rng(seed: int, domain: str, cls: int) -> np.random.Generator:
-    return np.random.default_rng([seed, DOMAINS.index(domain), cls])
+    return np.random.default_rng([seed, ALL_DOMAINS.index(domain), cls])
 
 
 def _check_args(out: Path, seed: int, per_class: int, image_size: int) -> None:
@@ -323,7 +328,7 @@ def _prepare_out(out: Path) -> None:
                 "choose a new or empty folder, or delete it first."
             )
         logger.info("Overwriting the DigitsDA tree in %s", out)
-        for domain in DOMAINS:
+        for domain in ALL_DOMAINS:
             shutil.rmtree(out / domain, ignore_errors=True)
         (out / "meta.json").unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +338,8 @@ _RENDERERS: dict[str, Callable[[np.random.Generator, int, int], Image.Image]] = 
     "printed": _render_printed,
     "textured": _render_textured,
     "street": _render_street,
+    "lcd": render_lcd,
+    "dotmatrix": render_dotmatrix,
 }
 
 _SOURCES = {
@@ -344,6 +351,10 @@ _SOURCES = {
     "of the photographs/textures bundled in skimage.data",
     "street": "SVHN-like crops: coloured bold matplotlib typefaces with cut-off neighbouring "
     "digits over gradient backgrounds, with clutter, noise, blur and a low-res look",
+    "lcd": "seven-segment displays: lit bar segments on an LED board (glow) or a reflective "
+    "LCD panel, faint unlit segments, italic skew (adapt/shift.py)",
+    "dotmatrix": "5x7 dot-matrix characters: lit dots on an LED board with faint unlit dots, "
+    "or dots printed on thermal paper (adapt/shift.py)",
 }
 
 
@@ -390,7 +401,8 @@ def build_digits(
     workers: int | None = None,
     domains: Sequence[str] | None = None,
 ) -> dict:
-    """Write DIR/<domain>/<class>/<index>.png for the 4 domains (or `domains` only: each
+    """Write DIR/<domain>/<class>/<index>.png for the 4 domains (or `domains`, which may
+    also name the shift styles of adapt/shift.py; each
     domain's images are the same whichever others are built) and DIR/meta.json.
 
     Images are RGB, image_size x image_size; indices are zero-padded (`0000.png`). The same
@@ -405,11 +417,11 @@ def build_digits(
     if not isinstance(workers, int) or workers < 1:
         raise DataError(f"workers must be an integer >= 1, got {workers!r}.")
     built = tuple(DOMAINS if domains is None else dict.fromkeys(domains))
-    unknown = [d for d in built if d not in DOMAINS]
+    unknown = [d for d in built if d not in ALL_DOMAINS]
     if unknown or not built:
         raise DataError(
             f"unknown DigitsDA domain(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"choose from {', '.join(DOMAINS)}."
+            f"choose from {', '.join(ALL_DOMAINS)}."
         )
     _prepare_out(out)
     # load the real data once, before any fork, so worker processes inherit it
@@ -477,7 +489,7 @@ def contact_sheet(root: Path, out_png: Path, per_domain: int = 20, scale: int = 
     meta = json.loads((root / "meta.json").read_text())
     size, classes = meta["image_size"] * scale, meta["classes"]
     per_domain = min(per_domain, meta["per_class"] * len(classes))
-    shown = [d for d in DOMAINS if d in meta["domains"]]
+    shown = [d for d in ALL_DOMAINS if d in meta["domains"]]
     label_w, pad = 8 * 12, 2
     font = load_font("DejaVuSans.ttf", 13)
     sheet = Image.new(

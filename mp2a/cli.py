@@ -105,22 +105,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "adapt":
-        from adapt.bench import run
+        from benchmarks.adapt import run
 
         result = run(quick=args.quick)
     elif args.what == "export":
-        from export.bench import run as run_export
+        from benchmarks.export import run as run_export
 
         result = run_export(quick=args.quick)
     elif args.what == "serving":
-        from serving.bench import run as run_serving
+        from benchmarks.serving import run as run_serving
 
         result = run_serving(quick=args.quick)
     else:
         import dataclasses
 
-        from serving.bench_online import OnlinePlan
-        from serving.bench_online import run as run_online
+        from benchmarks.online import OnlinePlan
+        from benchmarks.online import run as run_online
 
         plan = OnlinePlan.quick() if args.quick else OnlinePlan()
         if args.refine < 0 or not 0 <= (args.source_margin or 0) <= 1:

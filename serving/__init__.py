@@ -1,1 +1,1 @@
-"""BentoML prediction service, traffic store and the online adaptation worker."""
+"""The BentoML prediction service: HTTP routes, decoding, predictor, micro-batching, backends."""

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from mp2a.artifact import Artifact
+from mp2a.metrics import ServingMetrics
 from mp2a.preprocess import preprocess_image
+from online.store import TrafficStore
 from serving.backends import Backend
 from serving.batching import MicroBatcher
 from serving.decode import DecodeLimits, InputError, decode_image
-from serving.metrics import ServingMetrics
-from serving.store import TrafficStore
 
 log = logging.getLogger(__name__)
 

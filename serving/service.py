@@ -14,7 +14,7 @@ Configuration (environment, read when the worker starts):
     MP2A_TOP_K          entries in top_k (default 5)
     MP2A_STORE          traffic store file (default RUN/traffic.sqlite; `off`: no collection),
                         with MP2A_SAMPLE_RATE, MP2A_STORE_MAX_ROWS, MP2A_STORE_MAX_AGE_S,
-                        MP2A_STORE_IMAGES, MP2A_STORE_MAX_IMAGES (serving/store.py)
+                        MP2A_STORE_IMAGES, MP2A_STORE_MAX_IMAGES (online/store.py)
     MP2A_ADMIN_TOKEN    enables the admin endpoints (Authorization: Bearer <token>); unset:
                         they answer 403
     MP2A_KEEP_VERSIONS  version folders kept in RUN/versions (default 5; mp2a/versions.py)
@@ -23,7 +23,7 @@ Endpoints: POST /predict (multipart `image`), POST /predict_batch (multipart `im
 GET /model, GET /livez, GET /readyz, GET /metrics (BentoML's, with the mp2a_* metrics),
 POST /rollback (admin), POST /adapt (admin), GET /adapt/status, GET /adapt/history.
 
-The served head follows RUN/versions/CURRENT (serving/swap.py): a publish or rollback by any
+The served head follows RUN/versions/CURRENT (online/swap.py): a publish or rollback by any
 process is picked up by every worker within half a second, without failing a request.
 """
 
@@ -49,14 +49,14 @@ from starlette.routing import Route
 from mp2a import versions
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError
-from serving import worker
+from mp2a.metrics import ensure_multiprocess_dir, get_metrics, unseen_by_bentoml
+from online import worker
+from online.store import open_store
+from online.swap import VersionWatcher
 from serving.backends import load_backend
 from serving.decode import DecodeLimits, InputError
 from serving.guard import UploadGuard, UploadRule
-from serving.metrics import ensure_multiprocess_dir, get_metrics, unseen_by_bentoml
 from serving.predictor import Predictor, Upload
-from serving.store import open_store
-from serving.swap import VersionWatcher
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ async def _adapt_route(request: Request) -> Response:
         return JSONResponse({"error": f"cannot write {path}: {e}"}, status_code=500)
     message = (
         f"re-adaptation requested ({path}); the adaptation worker picks it up (started by "
-        "`MP2A_ONLINE=1 mp2a serve`, or `python -m serving.worker RUN`); follow it with "
+        "`MP2A_ONLINE=1 mp2a serve`, or `python -m online.worker RUN`); follow it with "
         "GET /adapt/status"
     )
     return JSONResponse({"status": "requested", **req, "message": message}, status_code=202)

@@ -30,7 +30,7 @@ from test_serving_server import (  # same folder (pytest puts it on the path)
 )
 
 from mp2a import versions
-from serving.store import peek_int
+from online.store import peek_int
 
 TOKEN = "online-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

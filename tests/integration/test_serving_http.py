@@ -208,7 +208,7 @@ def _traffic_samples(client: TestClient) -> float:
 def test_served_images_end_up_in_the_traffic_store(run_dir, images, tmp_path, monkeypatch):
     """Every served image is one row: its embedding, the served label and score, the version;
     a rejected upload is none."""
-    from serving.store import StoreConfig, TrafficStore
+    from online.store import StoreConfig, TrafficStore
 
     path = tmp_path / "traffic.sqlite"
     monkeypatch.setenv("MP2A_STORE", str(path))

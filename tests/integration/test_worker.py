@@ -18,8 +18,8 @@ import pytest
 from mp2a import versions
 from mp2a.preprocess import load_image, preprocess_batch
 from mp2a.runtime import OrtEncoder
-from serving import worker
-from serving.store import StoreConfig, TrafficStore
+from online import worker
+from online.store import StoreConfig, TrafficStore
 
 CFG = worker.WorkerConfig(min_samples=20, stages=2, steps_per_stage=15)
 
@@ -121,7 +121,7 @@ def test_the_cli_counts_its_outcome_in_the_shared_prometheus_directory(run, tmp_
     prom = tmp_path / "prom"
     prom.mkdir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom)}
-    cmd = [sys.executable, "-m", "serving.worker", str(run), "--store", str(run / "no.sqlite")]
+    cmd = [sys.executable, "-m", "online.worker", str(run), "--store", str(run / "no.sqlite")]
     r = subprocess.run([*cmd, "--once"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and json.loads(r.stdout.splitlines()[-1])["state"] == "failed"
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -134,15 +134,15 @@ def test_the_cli_counts_its_outcome_in_the_shared_prometheus_directory(run, tmp_
 
 
 def test_importing_the_worker_module_stays_torch_free():
-    code = "import sys, serving.worker, serving.gate; assert 'torch' not in sys.modules"
+    code = "import sys, online.worker, online.gate; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_launch_builds_the_worker_command_from_the_environment(tmp_path):
-    from serving.launch import worker_command
+    from online.supervisor import worker_command
 
     cmd = worker_command(tmp_path, {"MP2A_ADAPT_INTERVAL_S": "60"})
-    assert cmd is not None and cmd[1:3] == ["-m", "serving.worker"]
+    assert cmd is not None and cmd[1:3] == ["-m", "online.worker"]
     assert cmd[cmd.index("--store") + 1] == str(tmp_path.resolve() / "traffic.sqlite")
     assert cmd[cmd.index("--interval") + 1] == "60"
     assert worker_command(tmp_path, {"MP2A_STORE": "off"}) is None
@@ -163,10 +163,10 @@ def test_request_settings_size_the_run_and_bad_ones_fail_it(run, street_embeddin
 
 
 def test_a_run_killed_mid_way_is_marked_failed_by_the_next_worker(run, street_embeddings):
-    """SIGKILL of a real `python -m serving.worker --once` during its run: the status file
+    """SIGKILL of a real `python -m online.worker --once` during its run: the status file
     says running with a dead pid; the next worker records it failed, nothing was published."""
     store = fill_store(run, street_embeddings)
-    cmd = [sys.executable, "-m", "serving.worker", str(run), "--store", str(store)]
+    cmd = [sys.executable, "-m", "online.worker", str(run), "--store", str(store)]
     proc = subprocess.Popen([*cmd, "--once", "--min-samples", "20", "--steps", "100000"])
     try:
         deadline = time.time() + 60
@@ -190,7 +190,7 @@ def test_a_run_killed_mid_way_is_marked_failed_by_the_next_worker(run, street_em
 
 def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):
     from mp2a.errors import Mp2aError
-    from serving.launch import worker_command
+    from online.supervisor import worker_command
 
     for env, says in [
         ({"MP2A_ADAPT_STEPS": "ten"}, "MP2A_ADAPT_STEPS must be a positive integer, got 'ten'"),
@@ -208,7 +208,7 @@ def test_online_serving_without_the_training_stack_is_a_one_line_error(tmp_path,
     import importlib.util
 
     from mp2a.errors import Mp2aError
-    from serving.launch import WorkerSupervisor
+    from online.supervisor import WorkerSupervisor
 
     monkeypatch.setenv("MP2A_ONLINE", "1")
     assert WorkerSupervisor.from_env(tmp_path) is not None  # this machine has torch

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mp2a.head import Head, l2_normalize
-from serving import gate
+from online import gate
 
 C, D = 5, 16
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.metrics import NAMES
+from mp2a.metrics import NAMES
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "serving" / "grafana_dashboard.json"
 

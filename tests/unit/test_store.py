@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.store import StoreConfig, StoreError, TrafficStore, peek_int, read_int
+from online.store import StoreConfig, StoreError, TrafficStore, peek_int, read_int
 
 D = 8
 

@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.serving import BOUNDARY, free_port, multipart, wait_ready
 from mp2a.errors import Mp2aError
-from serving.bench import BOUNDARY, free_port, multipart, wait_ready
+from online.store import peek_int
 from serving.launch import REPO_ROOT
-from serving.store import peek_int
 
 log = logging.getLogger(__name__)
 

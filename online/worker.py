@@ -1,6 +1,6 @@
 """The online adaptation worker: re-adapt the served head on stored traffic, gate, publish.
 
-Runs in its own process (`python -m serving.worker RUN --store PATH`), never inside a serving
+Runs in its own process (`python -m online.worker RUN --store PATH`), never inside a serving
 worker. This module imports neither torch nor adapt at module level: the training stack is
 imported inside `run_once`, so the serving process may import the module (e.g. for its
 constants) and stay torch-free.
@@ -15,7 +15,7 @@ One run (`run_once`):
   4. MP²A (`adapt.progressive.fit`, mode mp2a, a short schedule) on every row but a held-out
      slice (every 5th source row and every 5th traffic row), starting from the serving head's
      probabilities as pseudo-labels;
-  5. the quality gate (serving/gate.py) on the held-out slices; accepted → `versions.publish`
+  5. the quality gate (online/gate.py) on the held-out slices; accepted → `versions.publish`
      (parent = the served version, the gate's figures as `decision`); rejected → nothing is
      published.
 Every step is reported in RUN/versions/adapt_status.json (written atomically):
@@ -53,9 +53,9 @@ import numpy as np
 from mp2a import versions
 from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact
 from mp2a.head import Head
-from serving import gate
-from serving.metrics import ServingMetrics
-from serving.store import StoreConfig, TrafficStore, peek_int
+from mp2a.metrics import ServingMetrics
+from online import gate
+from online.store import StoreConfig, TrafficStore, peek_int
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def _metrics() -> ServingMetrics | None:
     """The shared mp2a_* metrics when the server's multiprocess directory is known."""
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return None
-    from serving.metrics import get_metrics
+    from mp2a.metrics import get_metrics
 
     return get_metrics()
 
@@ -495,7 +495,7 @@ def lower_priority(kind: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.worker", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m online.worker", description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="the served artifact folder")
     p.add_argument("--store", type=Path, help="traffic store (default RUN/traffic.sqlite)")
     p.add_argument("--interval", type=float, help="re-adapt every S seconds")

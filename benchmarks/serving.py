@@ -4,7 +4,7 @@ For each model (the embedded tiny CLIP; ViT-B-16 with random weights unless --qu
 artifact is built in a temporary folder (random head: the figures are timings) with its
 encoder exported to ONNX (ViT-B-16 also int8), then for each backend (ort, torch; ViT-B-16
 also ort with the int8 encoder) a real `bentoml serve` process is started
-on 127.0.0.1 and a *separate* load-generating process (`python -m serving.bench load ...`,
+on 127.0.0.1 and a *separate* load-generating process (`python -m benchmarks.serving load ...`,
 one keep-alive connection per client thread) sends the same 256x256 JPEG at concurrency 1, 8
 and 32. Every level is bounded by a request count and a time budget.
 
@@ -320,7 +320,7 @@ def run_load_process(url: str, image: Path, level: Level) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "serving.bench",
+        "benchmarks.serving",
         "load",
         "--host",
         host,
@@ -418,7 +418,7 @@ def _summary(results: dict) -> dict:
 
 
 def _load_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.bench load")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving load")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--image", required=True)
@@ -433,5 +433,5 @@ def _load_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["load"]:
-        sys.exit("usage: python -m serving.bench load --port PORT --image FILE [...]")
+        sys.exit("usage: python -m benchmarks.serving load --port PORT --image FILE [...]")
     sys.exit(_load_main(sys.argv[2:]))

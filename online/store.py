@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from serving.metrics import ServingMetrics
+from mp2a.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 

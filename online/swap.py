@@ -2,10 +2,10 @@
 
 A small thread per worker looks at CURRENT every `interval` seconds (one `stat`: publish and
 rollback replace the file, so its inode and mtime change). On a change it loads the version
-CURRENT names — checksum-verified, off the request path — and hands it to `Predictor.swap`,
-a single reference assignment: requests in flight finish with the head they started with,
-later ones get the new head, none waits or fails. A version that fails to load is logged and
-the served head stays.
+CURRENT names — checksum-verified, off the request path — and hands it to the predictor's
+`swap` (serving/predictor.py), a single reference assignment: requests in flight finish with
+the head they started with, later ones get the new head, none waits or fails. A version that
+fails to load is logged and the served head stays.
 """
 
 from __future__ import annotations
@@ -14,14 +14,24 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 from mp2a import versions
+from mp2a.artifact import Artifact
 from mp2a.errors import ArtifactError
-from serving.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 0.5
+
+
+class Swappable(Protocol):
+    """What the watcher drives: serving/predictor.py's Predictor."""
+
+    @property
+    def version(self) -> str: ...
+
+    def swap(self, art: Artifact) -> None: ...
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:
@@ -36,7 +46,7 @@ class VersionWatcher:
     """Keeps `predictor` on the version RUN/versions/CURRENT names."""
 
     def __init__(
-        self, run: Path, predictor: Predictor, interval: float = DEFAULT_INTERVAL_S
+        self, run: Path, predictor: Swappable, interval: float = DEFAULT_INTERVAL_S
     ) -> None:
         self.run = Path(run)
         self.predictor = predictor

@@ -1,0 +1,136 @@
+"""The adaptation worker beside a server (MP2A_ONLINE=1): its command line from the
+environment, and a supervisor that restarts it when it dies."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mp2a.errors import Mp2aError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the folder holding online/
+
+
+# optional worker settings from the environment: (variable, flag, type, zero allowed)
+WORKER_SETTINGS = (
+    ("MP2A_ADAPT_STEPS", "--steps", int, False),
+    ("MP2A_ADAPT_STAGES", "--stages", int, False),
+    ("MP2A_ADAPT_MIN_SAMPLES", "--min-samples", int, False),
+    ("MP2A_ADAPT_MAX_SAMPLES", "--max-samples", int, False),
+    ("MP2A_ADAPT_REFINE", "--refine", int, True),
+    ("MP2A_GATE_SOURCE_MARGIN", "--gate-source-margin", float, True),
+    ("MP2A_GATE_AGREEMENT_FLOOR", "--gate-agreement-floor", float, True),
+)
+
+
+def _positive(
+    env: dict[str, str] | os._Environ, name: str, kind: type, default: str, zero: bool = False
+) -> str:
+    raw = env.get(name, "").strip() or default
+    try:
+        value = kind(raw)
+        ok = value >= 0 if zero else value > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        what = ("non-negative " if zero else "positive ") + ("integer" if kind is int else "number")
+        raise Mp2aError(f"{name} must be a {what}, got {raw!r}; fix or unset it")
+    return raw
+
+
+def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str] | None:
+    """`python -m online.worker …` as MP2A_ONLINE=1 configures it; None when the traffic
+    store is off (nothing to adapt on). MP2A_ADAPT_INTERVAL_S (default 3600) and
+    MP2A_ADAPT_MIN_NEW (default 10000) set the schedule; POST /adapt always works;
+    WORKER_SETTINGS' variables override the run's size. A bad value raises Mp2aError."""
+    env = os.environ if environ is None else environ
+    store = env.get("MP2A_STORE", "").strip()
+    if store.lower() == "off":
+        log.warning("MP2A_ONLINE=1 but MP2A_STORE=off: no adaptation worker (no traffic kept)")
+        return None
+    store_path = Path(store).resolve() if store else run.resolve() / "traffic.sqlite"
+    cmd = [sys.executable, "-m", "online.worker", str(run.resolve()), "--store", str(store_path)]
+    cmd += ["--interval", _positive(env, "MP2A_ADAPT_INTERVAL_S", float, "3600")]
+    cmd += ["--min-new", _positive(env, "MP2A_ADAPT_MIN_NEW", int, "10000")]
+    for name, flag, kind, zero in WORKER_SETTINGS:
+        if env.get(name, "").strip():
+            cmd += [flag, _positive(env, name, kind, "", zero)]
+    return cmd
+
+
+class WorkerSupervisor:
+    """Keeps the adaptation worker (MP2A_ONLINE=1) running next to `bentoml serve`: a worker
+    that dies (killed, out of memory) is started again after a back-off of 1 s doubling to
+    60 s (reset once a worker has lived a minute). The new worker marks the dead one's run
+    failed (online/worker.py `recover`)."""
+
+    MAX_BACKOFF = 60.0
+    HEALTHY_AFTER = 60.0
+
+    def __init__(self, run: Path, cmd: list[str], metrics_dir: str | None = None) -> None:
+        self.run, self.cmd, self.metrics_dir = run, cmd, metrics_dir
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.backoff = 1.0
+        self.restart_at: float | None = None
+        self.restarts = 0
+
+    @classmethod
+    def from_env(cls, run: Path, metrics_dir: str | None = None) -> WorkerSupervisor | None:
+        if os.environ.get("MP2A_ONLINE", "").strip() != "1":
+            return None
+        missing = [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
+        if missing:  # an edge install: serving only
+            raise Mp2aError(
+                f"MP2A_ONLINE=1 needs the training stack ({', '.join(missing)} not installed): "
+                "pip install 'mp2a[train]', or run `python -m online.worker RUN` where it is"
+            )
+        cmd = worker_command(run)
+        return None if cmd is None else cls(run, cmd, metrics_dir)
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.metrics_dir is not None:  # the server's: /metrics shows the worker's figures
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        print("mp2a: online adaptation worker: " + " ".join(self.cmd[1:]), file=sys.stderr)
+        self.proc = subprocess.Popen(self.cmd, env=env, cwd=str(REPO_ROOT))
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def check(self) -> None:
+        """Call every second or so: restarts a dead worker when its back-off has passed."""
+        now = time.monotonic()
+        if self.proc is not None and self.restart_at is None:
+            code = self.proc.poll()
+            if code is None:
+                return
+            if now - self.started >= self.HEALTHY_AFTER:
+                self.backoff = 1.0
+            self.restart_at = now + self.backoff
+            print(
+                f"mp2a: adaptation worker exited ({code}); restarting in {self.backoff:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.backoff = min(self.MAX_BACKOFF, self.backoff * 2)
+        if self.restart_at is not None and now >= self.restart_at:
+            self.restarts += 1
+            self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
