@@ -1,4 +1,5 @@
-# The mp2a edge server: the core package, the BentoML service and one artifact; no torch.
+# The mp2a edge server: the core package, the online loop's numpy half, the BentoML service
+# and one artifact; no torch.
 # Same contents as bentofile.yaml (`bentoml build && bentoml containerize mp2a:latest` is the
 # other way to get an image). Build the artifact first (`make serve`, or `mp2a adapt ...
 # --out runs/default` then `mp2a export runs/default --format onnx`), then:
@@ -36,6 +37,7 @@ RUN python3 -m pip install \
 RUN useradd --create-home --uid 1000 mp2a
 WORKDIR /app
 COPY --chown=mp2a:mp2a mp2a/ mp2a/
+COPY --chown=mp2a:mp2a online/ online/
 COPY --chown=mp2a:mp2a serving/ serving/
 COPY --chown=mp2a:mp2a runs/default/ runs/default/
 USER mp2a
