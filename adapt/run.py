@@ -1,8 +1,10 @@
 """`mp2a adapt`: encode the domains once, fit a head with the chosen method, write the artifact.
 
-Methods share one code path: `zeroshot` (hand prompt), `source-only`, `oneshot` and `mp2a`
-(progressive multi-prompt alignment, adapt/progressive.py). Target labels, when the target
-has them, are used only inside `_evaluator` for reporting.
+Methods share one code path: `zeroshot` (hand prompt), `transductive` (the zero-shot head
+refined with the target's cluster structure, adapt/transductive.py, plus a prototype row),
+`source-only`, `oneshot`, `mp2a` (progressive multi-prompt alignment as published,
+adapt/progressive.py) and `mp2a-t` (MP²A on refined pseudo-labels, with a prototype row).
+Target labels, when the target has them, are used only inside `_evaluator` for reporting.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from adapt.models import DEFAULT_MODEL, LoadedModel, load_model
 from adapt.progressive import Evaluate, FitConfig, fit
 from adapt.prompts import MultiPromptLearner
 from adapt.text import class_text_features
+from adapt.transductive import prototype_head, refine
 from mp2a.artifact import ArtifactContents, write_artifact
 from mp2a.errors import DataError
-from mp2a.head import Head
+from mp2a.head import PROMPT, PROTOTYPE, Head
 
 log = logging.getLogger(__name__)
 
-METHODS = ("zeroshot", "source-only", "oneshot", "mp2a")
+METHODS = ("zeroshot", "transductive", "source-only", "oneshot", "mp2a", "mp2a-t")
+PROMPT_METHODS = ("source-only", "oneshot", "mp2a", "mp2a-t")  # the ones that learn prompts
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
@@ -161,7 +165,13 @@ def adapt(req: AdaptRequest) -> dict:
     per_stage: list[dict] = []
     prompts = prompt_config = None
     head = zs
-    if req.method != "zeroshot":
+    rows = [{"kind": PROMPT, "template": template}]
+    head_fit: dict | None = None
+    if req.method == "transductive":
+        refined = refine(target.features, zs.probs(target.features), req.fit.transductive)
+        head, head_fit = prototype_head(zs, refined, target.features)
+        rows.append({"kind": PROTOTYPE, "target": req.target})
+    if req.method in PROMPT_METHODS:
         torch.manual_seed(req.seed)
         learner = MultiPromptLearner(lm, ds.classes, len(srcs), template, seed=req.seed)
         cfg = dataclasses.replace(req.fit, seed=req.seed)
@@ -177,6 +187,10 @@ def adapt(req: AdaptRequest) -> dict:
             progress=req.progress,
         )
         head = Head(weight=result.head_weight, logit_scale=scale)
+        rows = [{"kind": PROMPT, "source": s.name} for s in srcs]
+        if result.refinement is not None:  # mp2a-t
+            head, head_fit = prototype_head(head, result.refinement, target.features)
+            rows.append({"kind": PROTOTYPE, "target": req.target})
         per_stage = result.per_stage
         prompts = learner.arrays()
         prompt_config = learner.config(cfg)
@@ -193,6 +207,7 @@ def adapt(req: AdaptRequest) -> dict:
         else None,
         "source_accuracy": {s.name: accuracy(head.probs(s.features), s.labels) for s in srcs},
         "per_stage": per_stage,
+        "head": head_fit,
         "n_target": len(target.labels),
         "n_test": len(test.labels),
         "skipped_images": target.skipped + sum(s.skipped for s in srcs),
@@ -225,6 +240,7 @@ def adapt(req: AdaptRequest) -> dict:
             metrics=metrics,
             prompts=prompts,
             prompt_config=prompt_config,
+            head_rows=rows,
             extra_files=extra,
         ),
     )

@@ -105,26 +105,34 @@ def cached_encoder(lm: LoadedModel, cache_dir: Path | None = None) -> tuple[Path
 
 
 def fuse_head(encoder: Path, head: Head, out: Path) -> None:
-    """encoder + head -> probabilities (B, C): mean over s of softmax(scale * f @ W_s^T)."""
+    """encoder + head -> probabilities (B, C): sum over rows k of
+    a_k * softmax(s_k * f @ W_k^T + b_k) (mp2a/head.py), as plain ONNX operators."""
     model = onnx.load(str(encoder))
     g = model.graph
-    s, c, d = head.weight.shape
-    w = head.weight.reshape(s * c, d).T.astype(np.float32)  # (D, S*C)
+    k, c, d = head.weight.shape
+    w = head.weight.reshape(k * c, d).T.astype(np.float32)  # (D, K*C)
+    scale = np.repeat(head.scales(), c).astype(np.float32)  # (K*C,) each row's scale
+    bias = head.biases().reshape(k * c).astype(np.float32)  # (K*C,)
+    mix = head.weights().reshape(1, k, 1).astype(np.float32)  # (1, K, 1)
     g.initializer.extend(
         [
             numpy_helper.from_array(np.ascontiguousarray(w), "head_weight"),
-            numpy_helper.from_array(np.asarray(head.logit_scale, np.float32), "head_scale"),
-            numpy_helper.from_array(np.asarray([0, s, c], np.int64), "head_shape"),
+            numpy_helper.from_array(scale, "head_scale"),
+            numpy_helper.from_array(bias, "head_bias"),
+            numpy_helper.from_array(mix, "head_mix"),
+            numpy_helper.from_array(np.asarray([0, k, c], np.int64), "head_shape"),
             numpy_helper.from_array(np.asarray([1], np.int64), "head_axes"),
         ]
     )
     g.node.extend(
         [
-            helper.make_node("MatMul", [OUTPUT, "head_weight"], ["head_logits"]),  # (B, S*C)
+            helper.make_node("MatMul", [OUTPUT, "head_weight"], ["head_logits"]),  # (B, K*C)
             helper.make_node("Mul", ["head_logits", "head_scale"], ["head_scaled"]),
-            helper.make_node("Reshape", ["head_scaled", "head_shape"], ["head_per_source"]),
-            helper.make_node("Softmax", ["head_per_source"], ["head_softmax"], axis=-1),
-            helper.make_node("ReduceMean", ["head_softmax", "head_axes"], [PROBS], keepdims=0),
+            helper.make_node("Add", ["head_scaled", "head_bias"], ["head_biased"]),
+            helper.make_node("Reshape", ["head_biased", "head_shape"], ["head_per_row"]),
+            helper.make_node("Softmax", ["head_per_row"], ["head_softmax"], axis=-1),
+            helper.make_node("Mul", ["head_softmax", "head_mix"], ["head_mixed"]),  # (B, K, C)
+            helper.make_node("ReduceSum", ["head_mixed", "head_axes"], [PROBS], keepdims=0),
         ]
     )
     del g.output[:]

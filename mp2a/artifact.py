@@ -2,7 +2,9 @@
 
     RUN/manifest.json              format version, backbone, classes, preprocessing, version,
                                    parent version, created_at, sha256 of every file
-    RUN/head.safetensors           weight (S, C, D), logit_scale (1,)
+    RUN/head.safetensors           weight (K, C, D), logit_scale (1,), and where a row has its
+                                   own figures row_scale (K,), row_bias (K, C), row_weight (K,)
+                                   (mp2a/head.py); manifest `head_rows` names each row's kind
     RUN/prompts.safetensors        learned prompt context (absent for zero-shot)
     RUN/source_features.safetensors  features (N, D), labels (N,), domains (N,)
     RUN/metrics.json, RUN/report.png
@@ -28,7 +30,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from mp2a.errors import ArtifactError
-from mp2a.head import Head
+from mp2a.head import PROMPT, Head
 from mp2a.preprocess import PreprocessSpec
 
 FORMAT_VERSION = 1
@@ -115,8 +117,19 @@ class ArtifactContents:
     prompts: dict[str, np.ndarray] | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. report.png
     prompt_config: dict | None = None  # what rebuilds the prompt learner from prompts
+    head_rows: list[dict] | None = None  # per head row {"kind": prompt|prototype, ...}
     version: int = 1
     parent_version: int | None = None
+
+
+def head_rows(head: Head, rows: list[dict] | None) -> list[dict]:
+    """The manifest's description of each head row; without one, every row is a prompt row
+    (what every head was before prototype rows)."""
+    if rows is None:
+        return [{"kind": PROMPT} for _ in range(head.num_rows)]
+    if len(rows) != head.num_rows:
+        raise ValueError(f"{len(rows)} row descriptions for a head of {head.num_rows} rows")
+    return [dict(r) for r in rows]
 
 
 def fsync_dir(path: Path) -> None:
@@ -155,13 +168,7 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_tensors(
-            tmp / HEAD_FILE,
-            {
-                "weight": c.head.weight.astype(np.float32),
-                "logit_scale": np.asarray([c.head.logit_scale], np.float32),
-            },
-        )
+        save_tensors(tmp / HEAD_FILE, c.head.tensors())
         if c.prompts is not None:
             save_tensors(tmp / PROMPTS_FILE, c.prompts)
         save_tensors(tmp / SOURCE_FEATURES_FILE, c.source_features)
@@ -181,6 +188,7 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
             "source_domains": list(c.source_domains),
             "target_domain": c.target_domain,
             "prompt": c.prompt_config,
+            "head_rows": head_rows(c.head, c.head_rows),
             "files": files,
         }
         write_json(tmp / MANIFEST, manifest)
@@ -234,7 +242,7 @@ def load_artifact(path: Path | str) -> Artifact:
             )
     try:
         t = load_file(str(path / HEAD_FILE))
-        head = Head(weight=t["weight"], logit_scale=float(t["logit_scale"].reshape(-1)[0]))
+        head = Head.from_tensors(t)
     except Exception as e:  # a checksummed but malformed head is a writer bug, still refuse
         raise ArtifactError(f"{path / HEAD_FILE} cannot be read as a head: {e}") from e
     if head.num_classes != len(manifest["classes"]):

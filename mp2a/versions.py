@@ -52,6 +52,7 @@ from mp2a.artifact import (
     SOURCE_FEATURES_FILE,
     Artifact,
     fsync_dir,
+    head_rows,
     load_artifact,
     save_tensors,
     sha256_file,
@@ -223,12 +224,14 @@ def publish(
     decision: dict | None = None,
     method: str = "online",
     prompt_config: dict | None = None,
+    rows: list[dict] | None = None,
 ) -> int:
     """Write `head` as version N+1 (complete, checksummed, `parent` recorded; default: the
     served version), then make it the served one. Returns N+1. Safe against concurrent
     publishers (a file lock) and against a kill at any point (see the module docstring).
     With `prompts`, `prompt_config` (template, context sizes, fit settings) becomes the
-    manifest's `prompt`; without prompts the version has none."""
+    manifest's `prompt`; without prompts the version has none. `rows` describes the head's
+    rows (mp2a/artifact.py `head_rows`; default: all prompt rows)."""
     run = Path(run)
     base = load_artifact(run)
     if head.num_classes != len(base.classes) or head.dim != base.backbone.embed_dim:
@@ -245,9 +248,7 @@ def publish(
         version = max([BASE_VERSION, *_folders(run)]) + 1
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{version}-", dir=d))
         try:
-            weight = head.weight.astype(np.float32)
-            scale = np.asarray([head.logit_scale], np.float32)
-            save_tensors(tmp / HEAD_FILE, {"weight": weight, "logit_scale": scale})
+            save_tensors(tmp / HEAD_FILE, head.tensors())
             if prompts is not None:
                 save_tensors(tmp / PROMPTS_FILE, prompts)
             write_json(tmp / METRICS_FILE, metrics)
@@ -264,6 +265,7 @@ def publish(
                 "files": files,
             }
             manifest["prompt"] = None if prompts is None else prompt_config
+            manifest["head_rows"] = head_rows(head, rows)
             write_json(tmp / MANIFEST, manifest)
             fsync_dir(tmp)
             os.rename(tmp, d / str(version))
