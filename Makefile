@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 MP2A := $(VENV)/bin/mp2a
 STAMP := $(VENV)/.installed
 DATA := data/digits
+SHIFT := data/shift
+SHIFT_DOMAINS := printed,handwritten,textured,street,lcd,dotmatrix
 TARGET ?= handwritten
 PORT ?= 3000
 RUNS := runs
@@ -50,8 +52,11 @@ zeroshot-table: venv $(DATA)/meta.json
 	$(PY) -m adapt.report zeroshot $(RUNS)/zeroshot-{printed,handwritten,textured,street}
 
 clean:
-	rm -rf $(RUNS) $(DATA)
+	rm -rf $(RUNS) $(DATA) $(SHIFT)
 
-# Leave-one-domain-out on DigitsDA: 4 methods x 4 targets x 3 seeds -> docs/RESULTS.md
-results: venv $(DATA)/meta.json
-	$(PY) -m adapt.results --data $(DATA) --runs $(RUNS)/results --docs docs
+$(SHIFT)/meta.json: | venv
+	$(MP2A) data digits --out $(SHIFT) --domains $(SHIFT_DOMAINS)
+
+# DigitsDA leave-one-domain-out + the shift styles: 6 methods x 6 targets x 3 seeds
+results: venv $(SHIFT)/meta.json
+	$(PY) -m adapt.results --data $(SHIFT) --runs $(RUNS)/results --docs docs

@@ -69,9 +69,7 @@ class RefineConfig:
 
     def __post_init__(self) -> None:
         if self.covariance not in COVARIANCES:
-            raise ValueError(
-                f"covariance {self.covariance!r}: choose {', '.join(COVARIANCES)}"
-            )
+            raise ValueError(f"covariance {self.covariance!r}: choose {', '.join(COVARIANCES)}")
         if self.iterations < 1 or self.knn < 0 or self.kl_weight < 0 or self.knn_weight < 0:
             raise ValueError(
                 "iterations must be >= 1 and knn, kl_weight, knn_weight >= 0, got "

@@ -93,6 +93,15 @@ class Artifact:
     def preprocessing(self) -> PreprocessSpec:
         return PreprocessSpec.from_dict(self.manifest["preprocessing"])
 
+    def prompt_head(self) -> Head:
+        """The head's prompt rows alone (manifest `head_rows`; an artifact without it has
+        prompt rows only)."""
+        rows = self.manifest.get("head_rows") or []
+        idx = [i for i, r in enumerate(rows) if r.get("kind") == PROMPT]
+        if not rows or len(rows) != self.head.num_rows or not idx:
+            return self.head
+        return self.head.rows(idx)
+
     def tensors(self, name: str) -> dict[str, np.ndarray]:
         """Load one of the artifact's safetensors files (already checksum-verified)."""
         return load_file(str(self.path / name))

@@ -150,7 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--data", required=True, help="ImageFolder root: DIR/<domain>/<class>/*")
     ad.add_argument("--target", required=True, help="target domain (its labels: evaluation only)")
     ad.add_argument("--sources", help="comma-separated source domains (default: all others)")
-    ad.add_argument("--method", default="mp2a", help="zeroshot, transductive, source-only, oneshot, mp2a or mp2a-t")
+    ad.add_argument(
+        "--method",
+        default="mp2a",
+        help="zeroshot, transductive, source-only, oneshot, mp2a or mp2a-t",
+    )
     ad.add_argument(
         "--model", default="tiny-digits", help="tiny-digits, an open_clip name, or a model folder"
     )

@@ -92,6 +92,19 @@ class Head:
         """Normalised image features (B, D) -> class probabilities (B, C)."""
         return np.einsum("k,kbc->bc", self.weights(), self.row_probs(features))
 
+    def rows(self, idx: list[int]) -> Head:
+        """The head made of rows `idx` alone, their mixing weights renormalised."""
+        if not idx:
+            raise ValueError("a head needs at least one row")
+        w = self.weights()[idx]
+        return Head(
+            weight=self.weight[idx],
+            logit_scale=self.logit_scale,
+            row_scale=None if self.row_scale is None else self.scales()[idx],
+            row_bias=None if self.row_bias is None else self.biases()[idx],
+            row_weight=None if self.row_weight is None else w / max(float(w.sum()), 1e-12),
+        )
+
     def tensors(self) -> dict[str, np.ndarray]:
         """What head.safetensors holds; the per-row figures only where they are not plain."""
         out = {

@@ -1,23 +1,44 @@
-"""The quality gate: is a re-adapted head fit to replace the serving one? (numpy only)
+"""The quality gate: is a re-adapted head better than the serving one? (numpy only)
 
-The adaptation worker holds out a deterministic slice of the artifact's source features and of
-the stored traffic (`holdout_mask`: every 5th row) and trains on the rest. `evaluate` then
-compares the candidate head with the serving head on those held-out rows:
+There are no labels online, so the gate *estimates* the target accuracy of both heads on
+held-out traffic, two ways, and accepts a candidate only when the estimate rises by a margin
+and nothing looks broken. The worker holds out a deterministic slice of the artifact's source
+features and of the stored traffic (`holdout_mask`: every 5th row) and trains on the rest.
 
-- source accuracy (labels known): the candidate may not lose more than `source_margin`
-  (absolute, default 2 points) against the serving head;
-- traffic (no labels), sanity checks only:
-  - agreement: the fraction of held-out traffic on which both heads predict the same class
-    must be at least `agreement_floor` (default 0.5): adaptation refines, it does not relabel;
-  - entropy: the candidate's mean normalised prediction entropy (0..1) may not exceed
-    `entropy_factor` (1.5) times the serving head's and `entropy_slack` (0.05) above it;
-  - class balance: no class may take more than `max_class_share` (0.6) of the candidate's
-    predictions unless the serving head's largest class share was already above that (then
-    the candidate may not make it worse by more than `entropy_slack`).
+Estimates of target accuracy (held-out traffic, no labels):
+- ATC (Garg et al., ICLR 2022, "Leveraging Unlabeled Data to Predict Out-of-Distribution
+  Performance"): per head, the threshold t on the negative prediction entropy such that the
+  fraction of held-out *source* rows scoring above t equals the head's source accuracy; the
+  estimate is the fraction of traffic scoring above t.
+- Agreement with the refined labelling: the serving head's probabilities on the held-out
+  traffic, refined with the traffic's cluster structure (adapt/transductive.py), taken as
+  pseudo ground truth; the estimate is each head's agreement with it.
+The decision uses their mean (`estimate_*`); `min_gain` is the margin.
+
+Checks that reject whatever the estimates say:
+- held-out source accuracy: the candidate may lose at most `source_margin` against the
+  serving head (labels are known there; a collapse of the prompts shows here first), both
+  the whole head and its prompt rows alone (the prototype row is fitted to the traffic; the
+  prompt rows must stay good on the label set they were taught);
+- class structure of the stream: the share of the traffic's variance that the serving
+  head's labelling explains (between-class over within-class variance, Fisher's ratio),
+  relative to the same ratio on the held-out source rows, at least `min_structure`. Images
+  of the label set in a new style are organised by their classes (DigitsDA streams: 0.94 to
+  1.5, `lcd` 0.73, `dotmatrix` 0.93); images from another label set or noise are not
+  (letters 0.30, noise 0.49), and the stream is then no target to adapt to;
+- ATC alone may not fall by more than `atc_tolerance`;
+- agreement with the serving head on held-out traffic at least `agreement_floor`;
+- entropy: the candidate's mean normalised entropy not over `entropy_factor` times the
+  serving head's and `entropy_slack` above it;
+- class balance: no class above `max_class_share` of the candidate's predictions;
+- the stream itself: if one class takes more than `max_class_share` of the *serving* head's
+  predictions, the stream is dominated by one class (a flood, a stuck camera): adapting to it
+  would teach the head that one class, so the gate refuses whatever the candidate;
+- too little held-out traffic (`min_holdout_traffic`).
 
 The result is a plain dict (JSON-ready) with every figure, the decision and its reasons; the
-worker records it in adapt_status.json and, for an accepted head, in the new version's
-manifest (`decision`).
+worker records it in adapt_status.json, decisions.jsonl and, for an accepted head, in the new
+version's manifest (`decision`).
 """
 
 from __future__ import annotations
@@ -33,12 +54,15 @@ HOLDOUT_EVERY = 5
 
 @dataclass(frozen=True)
 class GateConfig:
-    source_margin: float = 0.02
+    min_gain: float = 0.01  # estimated target accuracy must rise by this (absolute)
+    source_margin: float = 0.05
+    min_structure: float = 0.65
+    atc_tolerance: float = 0.01
     agreement_floor: float = 0.5
     entropy_factor: float = 1.5
     entropy_slack: float = 0.05
     max_class_share: float = 0.6
-    min_holdout_traffic: int = 1
+    min_holdout_traffic: int = 20
 
 
 def holdout_mask(n: int, every: int = HOLDOUT_EVERY) -> np.ndarray:
@@ -46,17 +70,51 @@ def holdout_mask(n: int, every: int = HOLDOUT_EVERY) -> np.ndarray:
     return (np.arange(n) % every) == 0
 
 
+def _neg_entropy(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(probs, 1e-12, 1.0)
+    return (p * np.log(p)).sum(axis=1)
+
+
 def _entropy(probs: np.ndarray) -> float:
     """Mean entropy normalised by log C (0 = certain, 1 = uniform)."""
-    c = probs.shape[1]
-    p = np.clip(probs, 1e-12, 1.0)
-    return float((-(p * np.log(p)).sum(1)).mean() / np.log(c)) if len(p) else 0.0
+    return float(-_neg_entropy(probs).mean() / np.log(probs.shape[1])) if len(probs) else 0.0
 
 
 def _share(pred: np.ndarray, c: int) -> tuple[float, int]:
     counts = np.bincount(pred, minlength=c)
     top = int(counts.argmax())
     return float(counts[top] / max(1, len(pred))), top
+
+
+def atc_estimate(
+    source_probs: np.ndarray, source_labels: np.ndarray, target_probs: np.ndarray
+) -> tuple[float, float]:
+    """ATC with negative entropy: (estimated target accuracy, threshold)."""
+    s_src, s_tgt = _neg_entropy(source_probs), _neg_entropy(target_probs)
+    acc = float((source_probs.argmax(1) == source_labels).mean())
+    # the threshold leaves a fraction `acc` of the source scores above it
+    t = float(np.quantile(s_src, 1.0 - acc)) if acc < 1.0 else float(s_src.min()) - 1e-9
+    return float((s_tgt > t).mean()), t
+
+
+def fisher_ratio(features: np.ndarray, probs: np.ndarray) -> float:
+    """Between-class over within-class variance of normalised `features` under the soft
+    labelling `probs` (N, C)."""
+    x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    mass = probs.sum(axis=0)  # (C,)
+    means = (probs.T @ x) / np.maximum(mass, 1e-12)[:, None]  # (C, D)
+    centre = x.mean(axis=0)
+    between = float((mass[:, None] * (means - centre) ** 2).sum()) / len(x)
+    within = float((x**2).sum() - (mass[:, None] * means**2).sum()) / len(x)
+    return between / max(within, 1e-12)
+
+
+def reference_labels(serving: Head, traffic: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The serving head's labelling of `traffic`, refined with the traffic's clusters."""
+    from adapt.transductive import refine  # numpy only; adapt/ is not needed at import
+
+    r = refine(traffic, serving.probs(traffic))
+    return r.probs.argmax(1), {"kl_weight": r.kl_weight, "relabelled": r.relabelled}
 
 
 def evaluate(
@@ -66,11 +124,15 @@ def evaluate(
     source_labels: np.ndarray,
     traffic: np.ndarray,
     cfg: GateConfig | None = None,
+    serving_prompts: Head | None = None,
+    candidate_prompts: Head | None = None,
 ) -> dict:
     """Compare `candidate` with `serving` on held-out source rows (with labels) and held-out
-    traffic embeddings; returns {"accepted", "reasons", figures…, "config"}."""
+    traffic embeddings; returns {"accepted", "reasons", figures…, "config"}.
+    `serving_prompts` / `candidate_prompts`: the heads' prompt rows alone (default: the whole
+    heads)."""
     cfg = cfg or GateConfig()
-    if serving.weight.shape[1:] != candidate.weight.shape[1:]:
+    if serving.num_classes != candidate.num_classes or serving.dim != candidate.dim:
         return {
             "accepted": False,
             "reasons": [
@@ -82,66 +144,127 @@ def evaluate(
     c = serving.num_classes
     reasons: list[str] = []
     fig: dict = {"n_source_holdout": len(source_labels), "n_traffic_holdout": len(traffic)}
-
-    if len(source_labels):
-        acc_s = float((serving.probs(source_features).argmax(1) == source_labels).mean())
-        acc_c = float((candidate.probs(source_features).argmax(1) == source_labels).mean())
+    have_source = len(source_labels) > 0
+    if have_source:
+        src_s, src_c = serving.probs(source_features), candidate.probs(source_features)
+        acc_s = float((src_s.argmax(1) == source_labels).mean())
+        acc_c = float((src_c.argmax(1) == source_labels).mean())
     else:
         acc_s = acc_c = float("nan")
         reasons.append("no held-out source features: source accuracy cannot be checked")
     fig.update(source_accuracy_serving=acc_s, source_accuracy_candidate=acc_c)
     fig["source_accuracy_drop"] = acc_s - acc_c
-    if len(source_labels) and acc_c < acc_s - cfg.source_margin:
+    if have_source and acc_c < acc_s - cfg.source_margin:
         reasons.append(
             f"held-out source accuracy {acc_c:.3f} is more than {cfg.source_margin:.3f} below "
             f"the serving head's {acc_s:.3f}"
         )
+    if have_source:
+        sp = serving_prompts or serving
+        cp = candidate_prompts or candidate
+        pacc_s = float((sp.probs(source_features).argmax(1) == source_labels).mean())
+        pacc_c = float((cp.probs(source_features).argmax(1) == source_labels).mean())
+        fig.update(source_accuracy_prompts_serving=pacc_s, source_accuracy_prompts_candidate=pacc_c)
+        if pacc_c < pacc_s - cfg.source_margin:
+            reasons.append(
+                f"the candidate's prompt rows reach {pacc_c:.3f} on held-out source rows, more "
+                f"than {cfg.source_margin:.3f} below the serving prompts' {pacc_s:.3f}: "
+                "training on this traffic damaged what the prompts know of the label set"
+            )
 
-    if len(traffic) < cfg.min_holdout_traffic:
+    if len(traffic) < max(1, cfg.min_holdout_traffic):
         reasons.append(
             f"{len(traffic)} held-out traffic samples, need {cfg.min_holdout_traffic}: the "
-            "traffic checks cannot run"
+            "traffic checks cannot run; serve more traffic first"
         )
+        return _result(reasons, fig, cfg)
+
+    ps, pc = serving.probs(traffic), candidate.probs(traffic)
+    pred_s, pred_c = ps.argmax(1), pc.argmax(1)
+    agreement = float((pred_s == pred_c).mean())
+    ent_s, ent_c = _entropy(ps), _entropy(pc)
+    share_s, top_s = _share(pred_s, c)
+    share_c, top_c = _share(pred_c, c)
+    fig.update(
+        agreement=agreement,
+        entropy_serving=ent_s,
+        entropy_candidate=ent_c,
+        max_class_share_serving=share_s,
+        max_class_share_candidate=share_c,
+        max_class_serving=top_s,
+        max_class_candidate=top_c,
+        mean_confidence_serving=float(ps.max(1).mean()),
+        mean_confidence_candidate=float(pc.max(1).mean()),
+    )
+    if have_source:
+        atc_s, t_s = atc_estimate(src_s, source_labels, ps)
+        atc_c, t_c = atc_estimate(src_c, source_labels, pc)
     else:
-        ps, pc = serving.probs(traffic), candidate.probs(traffic)
-        pred_s, pred_c = ps.argmax(1), pc.argmax(1)
-        agreement = float((pred_s == pred_c).mean())
-        ent_s, ent_c = _entropy(ps), _entropy(pc)
-        share_s, top_s = _share(pred_s, c)
-        share_c, top_c = _share(pred_c, c)
-        fig.update(
-            agreement=agreement,
-            entropy_serving=ent_s,
-            entropy_candidate=ent_c,
-            max_class_share_serving=share_s,
-            max_class_share_candidate=share_c,
-            max_class_serving=top_s,
-            max_class_candidate=top_c,
-            mean_confidence_serving=float(ps.max(1).mean()),
-            mean_confidence_candidate=float(pc.max(1).mean()),
+        atc_s = atc_c = t_s = t_c = float("nan")
+    if have_source:
+        structure = fisher_ratio(traffic, ps) / max(fisher_ratio(source_features, src_s), 1e-12)
+    else:
+        structure = float("nan")
+    fig["class_structure"] = structure
+    if structure < cfg.min_structure:
+        reasons.append(
+            f"the serving head's classes explain little of this traffic (class structure "
+            f"{structure:.2f} of the source's, limit {cfg.min_structure:.2f}): it does not look "
+            "like images of this label set (another label set, noise, a broken camera?); "
+            "nothing to adapt to"
         )
-        if agreement < cfg.agreement_floor:
-            reasons.append(
-                f"agreement with the serving head on held-out traffic {agreement:.3f} is below "
-                f"the floor {cfg.agreement_floor:.3f}"
-            )
-        if ent_c > cfg.entropy_factor * ent_s and ent_c > ent_s + cfg.entropy_slack:
-            reasons.append(
-                f"mean prediction entropy rose from {ent_s:.3f} to {ent_c:.3f} (normalised), "
-                f"over {cfg.entropy_factor}x"
-            )
-        if share_c > cfg.max_class_share:
-            if share_s <= cfg.max_class_share:
-                reasons.append(
-                    f"class {top_c} takes {share_c:.3f} of the candidate's predictions on "
-                    f"held-out traffic (limit {cfg.max_class_share:.3f}; serving head "
-                    f"{share_s:.3f})"
-                )
-            elif share_c > share_s + cfg.entropy_slack:
-                reasons.append(
-                    f"class {top_c} takes {share_c:.3f} of the candidate's predictions, worse "
-                    f"than the serving head's already unbalanced {share_s:.3f}"
-                )
+    ref, ref_fig = reference_labels(serving, traffic)
+    agree_s, agree_c = float((pred_s == ref).mean()), float((pred_c == ref).mean())
+    est_s = float(np.nanmean([atc_s, agree_s]))
+    est_c = float(np.nanmean([atc_c, agree_c]))
+    fig.update(
+        atc_serving=atc_s,
+        atc_candidate=atc_c,
+        atc_threshold_serving=t_s,
+        atc_threshold_candidate=t_c,
+        refined_agreement_serving=agree_s,
+        refined_agreement_candidate=agree_c,
+        reference=ref_fig,
+        estimate_serving=est_s,
+        estimate_candidate=est_c,
+        estimated_gain=est_c - est_s,
+    )
+    if share_s > cfg.max_class_share:
+        reasons.append(
+            f"the stream is dominated by one class: {share_s:.3f} of the held-out traffic is "
+            f"class {top_s} for the serving head (limit {cfg.max_class_share:.3f}); adapting to "
+            "it would teach the head that class; collect a more varied stream"
+        )
+    if est_c < est_s + cfg.min_gain:
+        reasons.append(
+            f"estimated target accuracy {est_c:.3f} is not at least {cfg.min_gain:.3f} above "
+            f"the serving head's {est_s:.3f} (ATC {atc_c:.3f} vs {atc_s:.3f}, agreement with "
+            f"the refined labels {agree_c:.3f} vs {agree_s:.3f})"
+        )
+    if atc_c < atc_s - cfg.atc_tolerance:
+        reasons.append(
+            f"the ATC estimate fell from {atc_s:.3f} to {atc_c:.3f} (tolerance "
+            f"{cfg.atc_tolerance:.3f})"
+        )
+    if agreement < cfg.agreement_floor:
+        reasons.append(
+            f"agreement with the serving head on held-out traffic {agreement:.3f} is below "
+            f"the floor {cfg.agreement_floor:.3f}"
+        )
+    if ent_c > cfg.entropy_factor * ent_s and ent_c > ent_s + cfg.entropy_slack:
+        reasons.append(
+            f"mean prediction entropy rose from {ent_s:.3f} to {ent_c:.3f} (normalised), "
+            f"over {cfg.entropy_factor}x"
+        )
+    if share_c > cfg.max_class_share:
+        reasons.append(
+            f"class {top_c} takes {share_c:.3f} of the candidate's predictions on held-out "
+            f"traffic (limit {cfg.max_class_share:.3f}; serving head {share_s:.3f})"
+        )
+    return _result(reasons, fig, cfg)
+
+
+def _result(reasons: list[str], fig: dict, cfg: GateConfig) -> dict:
     # NaN is not JSON: report missing figures as None
     fig = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in fig.items()}
     return {"accepted": not reasons, "reasons": reasons, **fig, "config": asdict(cfg)}

@@ -24,10 +24,11 @@ WORKER_SETTINGS = (
     ("MP2A_ADAPT_STAGES", "--stages", int, False),
     ("MP2A_ADAPT_MIN_SAMPLES", "--min-samples", int, False),
     ("MP2A_ADAPT_MAX_SAMPLES", "--max-samples", int, False),
-    ("MP2A_ADAPT_REFINE", "--refine", int, True),
     ("MP2A_GATE_SOURCE_MARGIN", "--gate-source-margin", float, True),
     ("MP2A_GATE_AGREEMENT_FLOOR", "--gate-agreement-floor", float, True),
+    ("MP2A_GATE_MIN_GAIN", "--gate-min-gain", float, True),
 )
+METHOD_SETTING = ("MP2A_ADAPT_METHOD", "--method", ("mp2a-t", "mp2a"))
 
 
 def _positive(
@@ -62,6 +63,11 @@ def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str
     for name, flag, kind, zero in WORKER_SETTINGS:
         if env.get(name, "").strip():
             cmd += [flag, _positive(env, name, kind, "", zero)]
+    name, flag, choices = METHOD_SETTING
+    if method := env.get(name, "").strip():
+        if method not in choices:
+            raise Mp2aError(f"{name} must be one of {', '.join(choices)}, got {method!r}")
+        cmd += [flag, method]
     return cmd
 
 

@@ -12,12 +12,15 @@ One run (`run_once`):
      none: the prompt learner starts from the hand template in metrics.json);
   3. the artifact's frozen model (`adapt.models.load_backbone`) and a MultiPromptLearner with
      one prompt pair per source domain, loaded from the serving prompts when they exist;
-  4. MP²A (`adapt.progressive.fit`, mode mp2a, a short schedule) on every row but a held-out
-     slice (every 5th source row and every 5th traffic row), starting from the serving head's
-     probabilities as pseudo-labels;
+  4. `method` (default mp2a-t: MP²A stages, then the transductive refinement of the
+     ensemble becomes the head's prototype row, adapt/transductive.py; `mp2a`: the published
+     method, prompt rows only) on every row but a held-out slice (every 5th source row and
+     every 5th traffic row), starting from the serving head's probabilities as pseudo-labels;
+     a served prototype row is not carried over: every run fits its own;
   5. the quality gate (online/gate.py) on the held-out slices; accepted → `versions.publish`
      (parent = the served version, the gate's figures as `decision`); rejected → nothing is
      published.
+Stored embeddings that are not finite are dropped and counted (`n_traffic_dropped`).
 Every step is reported in RUN/versions/adapt_status.json (written atomically):
 running → accepted | rejected | failed, with reasons and figures; the outcome is also appended
 to RUN/versions/decisions.jsonl (versions.record_decision). A run whose worker died leaves
@@ -52,7 +55,7 @@ import numpy as np
 
 from mp2a import versions
 from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact
-from mp2a.head import Head
+from mp2a.head import PROMPT, PROTOTYPE, Head
 from mp2a.metrics import ServingMetrics
 from online import gate
 from online.store import StoreConfig, TrafficStore, peek_int
@@ -72,27 +75,33 @@ class WorkerConfig:
 
     max_samples: int = 10_000  # newest stored embeddings used per run
     min_samples: int = 50  # fewer stored samples: the run fails (a request) or waits (schedule)
+    method: str = "mp2a-t"  # mp2a-t | mp2a
     stages: int = 3
     steps_per_stage: int = 60
     r0: float = 0.3
     batch_size: int = 32
     lr: float = 2e-3
     seed: int = 0
-    refine: int = 0
     gate: gate.GateConfig = field(default_factory=gate.GateConfig)
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: choose {', '.join(METHODS)}")
 
-# what a request (POST /adapt's JSON body) may change for one run, with its upper bound
-REQUEST_SETTINGS = {
-    "refine": 100,
-    "stages": 20,
-    "steps_per_stage": 100_000,
-    "max_samples": 1_000_000,
-    "min_samples": 1_000_000,
+
+METHODS = ("mp2a-t", "mp2a")  # what the worker can run (adapt/progressive.py modes)
+
+# what a request (POST /adapt's JSON body) may change for one run: integer bounds, or choices
+REQUEST_SETTINGS: dict[str, tuple[int, int] | tuple[str, ...]] = {
+    "method": METHODS,
+    "stages": (1, 20),
+    "steps_per_stage": (1, 100_000),
+    "max_samples": (1, 1_000_000),
+    "min_samples": (1, 1_000_000),
 }
 
 
-def request_overrides(body: object) -> dict[str, int]:
+def request_overrides(body: object) -> dict[str, int | str]:
     """The run settings a request asks for, checked; ValueError says what is wrong."""
     if body is None:
         return {}
@@ -103,12 +112,16 @@ def request_overrides(body: object) -> dict[str, int]:
         raise ValueError(
             f"unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(REQUEST_SETTINGS)}"
         )
-    out = {}
+    out: dict[str, int | str] = {}
     for k, v in body.items():
-        top = REQUEST_SETTINGS[k]
-        low = 0 if k == "refine" else 1
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= top:
-            raise ValueError(f"{k} must be an integer in {low}..{top}, got {v!r}")
+        allowed = REQUEST_SETTINGS[k]
+        if isinstance(allowed[0], str):
+            if v not in allowed:
+                raise ValueError(f"{k} must be one of {', '.join(map(str, allowed))}, got {v!r}")
+        else:
+            low, top = allowed
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= top:
+                raise ValueError(f"{k} must be an integer in {low}..{top}, got {v!r}")
         out[k] = v
     return out
 
@@ -288,41 +301,44 @@ def run_once(
     return status
 
 
-def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float) -> dict:
-    served = versions.load_current(run)
-    dim = served.backbone.embed_dim
-    if not store_path.is_file():
-        raise FileNotFoundError(f"no traffic store at {store_path}")
-    store = TrafficStore(StoreConfig(path=store_path, dim=dim), start=False)
-    traffic = store.read(limit=cfg.max_samples).embeddings
-    log.info("read %d traffic embeddings", len(traffic))
-    if len(traffic) < cfg.min_samples:
-        raise ValueError(
-            f"{len(traffic)} stored traffic samples, need at least {cfg.min_samples}; serve "
-            "more traffic (or lower --min-samples) and retry"
-        )
-    sf = served.tensors(SOURCE_FEATURES_FILE)
-    src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
-    src_d = sf["domains"].astype(np.int64)
-    prompts, template = _prompt_state(served)
+@dataclass
+class Candidate:
+    """A re-adapted head and what rebuilds and explains it."""
 
+    head: Head
+    prompts: dict[str, np.ndarray]
+    prompt_config: dict
+    rows: list[dict]  # the manifest's head_rows
+    prompt_head: Head  # the prompt rows alone
+    per_stage: list[dict]
+    figures: dict  # start, load/fit seconds, the prototype row's fit
+
+
+def train_candidate(
+    served: Artifact,
+    sources: list[tuple[np.ndarray, np.ndarray]],
+    target: np.ndarray,
+    cfg: WorkerConfig,
+) -> Candidate:
+    """Re-adapt the served version on `target` embeddings (N, D) with the labeled `sources`
+    [(features, labels)] per source domain (the artifact's order): the training half of a
+    run, with no store and no gate, so experiments and tests can call it on arrays."""
     import torch
 
     from adapt.models import load_backbone
     from adapt.progressive import FitConfig, fit
     from adapt.prompts import MultiPromptLearner
+    from adapt.transductive import prototype_head
 
     t_load = time.time()
-    log.info("training stack imported")
+    prompts, template = _prompt_state(served)
     lm = load_backbone(served.backbone)
-    log.info("backbone loaded")
     classes = served.classes
-    domains = sorted(int(d) for d in np.unique(src_d))
     if prompts is not None:
         s, _, m2, _ = prompts["domain_ctx"].shape
         n_class_ctx = int(prompts["class_ctx"].shape[2])
-        if s != len(domains):
-            raise ValueError(f"serving prompts have {s} source pairs, features {len(domains)}")
+        if s != len(sources):
+            raise ValueError(f"serving prompts have {s} source pairs, features {len(sources)}")
         learner = MultiPromptLearner(
             lm, classes, s, template, n_class_ctx=n_class_ctx, n_domain_ctx=int(m2)
         )
@@ -331,18 +347,14 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
     else:
         if not template:
             raise ValueError(f"{served.path} has neither prompts nor a template in metrics.json")
-        learner = MultiPromptLearner(lm, classes, len(domains), template, seed=cfg.seed)
+        learner = MultiPromptLearner(lm, classes, len(sources), template, seed=cfg.seed)
         start = f"hand template {template!r}"
     load_seconds = time.time() - t_load
-
-    src_hold, tr_hold = gate.holdout_mask(len(src_y)), gate.holdout_mask(len(traffic))
-    sources = [(src_x[~src_hold & (src_d == d)], src_y[~src_hold & (src_d == d)]) for d in domains]
-    target = traffic[~tr_hold]
-    serving_head = served.head
     shared = {f.name for f in dataclasses.fields(FitConfig)} & {
         f.name for f in dataclasses.fields(cfg)
     }
     fit_cfg = FitConfig(**{k: getattr(cfg, k) for k in shared})  # the fields they share
+    serving_head = served.head
     t_fit = time.time()
     result = fit(
         learner,
@@ -351,24 +363,86 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         init_probs=serving_head.probs(target),
         logit_scale=serving_head.logit_scale,
         cfg=fit_cfg,
-        mode="mp2a",
+        mode=cfg.method,
         progress=False,
     )
-    fit_seconds = time.time() - t_fit
-    candidate = Head(weight=result.head_weight, logit_scale=serving_head.logit_scale)
+    head = prompt_head = Head(weight=result.head_weight, logit_scale=serving_head.logit_scale)
+    names = served.manifest.get("source_domains") or [str(i) for i in range(len(sources))]
+    rows = [{"kind": PROMPT, "source": n} for n in names]
+    head_fit = None
+    if result.refinement is not None:
+        head, head_fit = prototype_head(head, result.refinement, target)
+        rows.append({"kind": PROTOTYPE, "target": "traffic"})
+    figures = {
+        "start": start,
+        "method": cfg.method,
+        "load_seconds": round(load_seconds, 2),
+        "fit_seconds": round(time.time() - t_fit, 2),
+        "head_fit": head_fit,
+    }
+    return Candidate(
+        head=head,
+        prompts=learner.arrays(),
+        prompt_config=learner.config(fit_cfg),
+        rows=rows,
+        prompt_head=prompt_head,
+        per_stage=result.per_stage,
+        figures=figures,
+    )
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """Mask of the rows without NaN or infinity (a broken encoder, a damaged store)."""
+    return np.isfinite(x).all(axis=1)
+
+
+def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float) -> dict:
+    served = versions.load_current(run)
+    dim = served.backbone.embed_dim
+    if not store_path.is_file():
+        raise FileNotFoundError(f"no traffic store at {store_path}")
+    store = TrafficStore(StoreConfig(path=store_path, dim=dim), start=False)
+    traffic = store.read(limit=cfg.max_samples).embeddings
+    ok = finite_rows(traffic)
+    dropped = int((~ok).sum())
+    if dropped:
+        log.warning("dropped %d stored embeddings holding NaN or infinity", dropped)
+        traffic = traffic[ok]
+    log.info("read %d traffic embeddings", len(traffic))
+    need = max(cfg.min_samples, len(served.classes))
+    if len(traffic) < need:
+        raise ValueError(
+            f"{len(traffic)} usable stored traffic samples ({dropped} dropped as NaN/inf), need "
+            f"at least {need} (min_samples, and one per class); serve more traffic (or lower "
+            "--min-samples) and retry"
+        )
+    sf = served.tensors(SOURCE_FEATURES_FILE)
+    src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
+    src_d = sf["domains"].astype(np.int64)
+    domains = sorted(int(d) for d in np.unique(src_d))
+    src_hold, tr_hold = gate.holdout_mask(len(src_y)), gate.holdout_mask(len(traffic))
+    sources = [(src_x[~src_hold & (src_d == d)], src_y[~src_hold & (src_d == d)]) for d in domains]
+    target = traffic[~tr_hold]
+    cand = train_candidate(served, sources, target, cfg)
     decision = gate.evaluate(
-        serving_head, candidate, src_x[src_hold], src_y[src_hold], traffic[tr_hold], cfg.gate
+        served.head,
+        cand.head,
+        src_x[src_hold],
+        src_y[src_hold],
+        traffic[tr_hold],
+        cfg.gate,
+        serving_prompts=served.prompt_head(),
+        candidate_prompts=cand.prompt_head,
     )
     figures = {
         "serving_version": served.version,
         "n_traffic": len(traffic),
+        "n_traffic_dropped": dropped,
         "n_traffic_train": len(target),
         "n_source_train": int((~src_hold).sum()),
-        "start": start,
-        "load_seconds": round(load_seconds, 2),
-        "fit_seconds": round(fit_seconds, 2),
-        "per_stage": result.per_stage,
-        "pseudo_label_selected_ratio": result.per_stage[-1]["ratio"] if result.per_stage else None,
+        **cand.figures,
+        "per_stage": cand.per_stage,
+        "pseudo_label_selected_ratio": cand.per_stage[-1]["ratio"] if cand.per_stage else None,
         "gate": decision,
     }
     if not decision["accepted"]:
@@ -379,25 +453,28 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
             "reasons": decision["reasons"],
             "seconds": round(time.time() - t0, 2),
         }
+    method = f"online-{cfg.method}"
     metrics = {
-        "method": "online-mp2a",
+        "method": method,
         "parent_version": served.version,
-        "template": template,
+        "template": cand.prompt_config.get("template"),
         "n_traffic": len(traffic),
-        "per_stage": result.per_stage,
+        "per_stage": cand.per_stage,
+        "head": cand.figures.get("head_fit"),
         "gate": decision,
         "target_accuracy": None,  # no labels online
         "seconds": round(time.time() - t0, 2),
     }
     version = versions.publish(
         run,
-        candidate,
+        cand.head,
         metrics,
         parent=served.version,
-        prompts=learner.arrays(),
+        prompts=cand.prompts,
         decision=decision,
-        method="online-mp2a",
-        prompt_config=learner.config(fit_cfg),
+        method=method,
+        prompt_config=cand.prompt_config,
+        rows=cand.rows,
     )
     return {
         "state": "accepted",
@@ -504,9 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-samples", type=int, default=WorkerConfig.max_samples)
     p.add_argument("--steps", type=int, default=WorkerConfig.steps_per_stage, help="per stage")
     p.add_argument("--stages", type=int, default=WorkerConfig.stages)
-    p.add_argument("--refine", type=int, default=WorkerConfig.refine, help="centroid rounds")
+    p.add_argument("--method", choices=METHODS, default=WorkerConfig.method)
     p.add_argument("--gate-source-margin", type=float, default=gate.GateConfig.source_margin)
     p.add_argument("--gate-agreement-floor", type=float, default=gate.GateConfig.agreement_floor)
+    p.add_argument("--gate-min-gain", type=float, default=gate.GateConfig.min_gain)
     p.add_argument("--poll", type=float, default=1.0, help="seconds between checks")
     p.add_argument("--once", action="store_true", help="run one adaptation now and exit")
     p.add_argument(
@@ -525,9 +603,11 @@ def main(argv: list[str] | None = None) -> int:
         min_samples=a.min_samples,
         steps_per_stage=a.steps,
         stages=a.stages,
-        refine=a.refine,
+        method=a.method,
         gate=gate.GateConfig(
-            source_margin=a.gate_source_margin, agreement_floor=a.gate_agreement_floor
+            source_margin=a.gate_source_margin,
+            agreement_floor=a.gate_agreement_floor,
+            min_gain=a.gate_min_gain,
         ),
     )
     if a.once:
