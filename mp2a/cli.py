@@ -123,9 +123,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from benchmarks.online import run as run_online
 
         plan = OnlinePlan.quick() if args.quick else OnlinePlan()
-        if args.refine < 0 or not 0 <= (args.source_margin or 0) <= 1:
-            raise Mp2aError("--refine must be >= 0 and --source-margin in 0..1")
-        plan = dataclasses.replace(plan, refine=args.refine, source_margin=args.source_margin)
+        if not 0 <= (args.source_margin or 0) <= 1:
+            raise Mp2aError("--source-margin must be in 0..1")
+        if args.method not in (None, "mp2a", "mp2a-t"):
+            raise Mp2aError(f"--method {args.method!r}: choose mp2a-t or mp2a")
+        plan = dataclasses.replace(plan, method=args.method, source_margin=args.source_margin)
         result = run_online(plan=plan, work=Path(args.work) if args.work else None)
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
@@ -191,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("what", choices=["adapt", "export", "serving", "online"])
     bn.add_argument("--json", action="store_true", help="compact JSON (one line)")
     bn.add_argument("--quick", action="store_true", help="small models only")
-    bn.add_argument("--refine", type=int, default=0, help="online: centroid refinement rounds")
+    bn.add_argument("--method", help="online: the worker's method, mp2a-t (default) or mp2a")
     bn.add_argument(
-        "--source-margin", type=float, help="online: the gate's source-accuracy margin (0.02)"
+        "--source-margin", type=float, help="online: the gate's source-accuracy margin (0.05)"
     )
     bn.add_argument("--work", help="online: keep data and artifact in this folder and reuse them")
     bn.set_defaults(func=_cmd_bench)

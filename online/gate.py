@@ -16,17 +16,23 @@ Estimates of target accuracy (held-out traffic, no labels):
 The decision uses their mean (`estimate_*`); `min_gain` is the margin.
 
 Checks that reject whatever the estimates say:
-- held-out source accuracy: the candidate may lose at most `source_margin` against the
-  serving head (labels are known there; a collapse of the prompts shows here first), both
-  the whole head and its prompt rows alone (the prototype row is fitted to the traffic; the
-  prompt rows must stay good on the label set they were taught);
+- held-out source accuracy (labels are known there; a collapse of the prompts shows here
+  first): the candidate's prompt rows may lose at most `source_margin` (5 points) against
+  the serving head's prompt rows, and the whole head at most `head_source_margin` (10
+  points: its prototype row is fitted to the traffic, not to the sources). Measured on
+  genuine shifts (`mp2a bench online`, scratch runs over DigitsDA and the shift styles) the
+  prompt rows lost 0.7 to 3.2 points and whole heads 1.5 to 5; on harmful streams the prompt
+  rows lost 5.4 (letters) to 13 (noise);
 - class structure of the stream: the share of the traffic's variance that the serving
   head's labelling explains (between-class over within-class variance, Fisher's ratio),
   relative to the same ratio on the held-out source rows, at least `min_structure`. Images
   of the label set in a new style are organised by their classes (DigitsDA streams: 0.94 to
   1.5, `lcd` 0.73, `dotmatrix` 0.93); images from another label set or noise are not
   (letters 0.30, noise 0.49), and the stream is then no target to adapt to;
-- ATC alone may not fall by more than `atc_tolerance`;
+- ATC alone may not fall by more than `atc_tolerance`, or two held-out samples' worth
+  (2 / n) where the held-out traffic is small: a one-sample difference is no evidence. ATC
+  is calibrated on the sources, where a prototype row is out of its domain, so it is a
+  sanity bound here, not the decision;
 - agreement with the serving head on held-out traffic at least `agreement_floor`;
 - entropy: the candidate's mean normalised entropy not over `entropy_factor` times the
   serving head's and `entropy_slack` above it;
@@ -55,9 +61,10 @@ HOLDOUT_EVERY = 5
 @dataclass(frozen=True)
 class GateConfig:
     min_gain: float = 0.01  # estimated target accuracy must rise by this (absolute)
-    source_margin: float = 0.05
+    source_margin: float = 0.05  # the prompt rows' held-out source accuracy
+    head_source_margin: float = 0.10  # the whole head's
     min_structure: float = 0.65
-    atc_tolerance: float = 0.01
+    atc_tolerance: float = 0.02
     agreement_floor: float = 0.5
     entropy_factor: float = 1.5
     entropy_slack: float = 0.05
@@ -154,10 +161,10 @@ def evaluate(
         reasons.append("no held-out source features: source accuracy cannot be checked")
     fig.update(source_accuracy_serving=acc_s, source_accuracy_candidate=acc_c)
     fig["source_accuracy_drop"] = acc_s - acc_c
-    if have_source and acc_c < acc_s - cfg.source_margin:
+    if have_source and acc_c < acc_s - cfg.head_source_margin:
         reasons.append(
-            f"held-out source accuracy {acc_c:.3f} is more than {cfg.source_margin:.3f} below "
-            f"the serving head's {acc_s:.3f}"
+            f"held-out source accuracy {acc_c:.3f} is more than {cfg.head_source_margin:.3f} "
+            f"below the serving head's {acc_s:.3f}"
         )
     if have_source:
         sp = serving_prompts or serving
@@ -241,10 +248,10 @@ def evaluate(
             f"the serving head's {est_s:.3f} (ATC {atc_c:.3f} vs {atc_s:.3f}, agreement with "
             f"the refined labels {agree_c:.3f} vs {agree_s:.3f})"
         )
-    if atc_c < atc_s - cfg.atc_tolerance:
+    tolerance = max(cfg.atc_tolerance, 2.0 / len(traffic))
+    if atc_c < atc_s - tolerance:
         reasons.append(
-            f"the ATC estimate fell from {atc_s:.3f} to {atc_c:.3f} (tolerance "
-            f"{cfg.atc_tolerance:.3f})"
+            f"the ATC estimate fell from {atc_s:.3f} to {atc_c:.3f} (tolerance {tolerance:.3f})"
         )
     if agreement < cfg.agreement_floor:
         reasons.append(

@@ -265,10 +265,14 @@ class TrafficStore:
     ) -> bool:
         """Queue one served sample if the sampling rate keeps it; never blocks.
 
-        Returns True if it was queued, False if sampled out or dropped (queue full).
+        Returns True if it was queued, False if sampled out or dropped (queue full, or an
+        embedding or confidence that is not finite: it would fail the whole insert batch).
         """
         rate = self.config.sample_rate
         if rate < 1.0 and self._rng.random() >= rate:
+            return False
+        if not (np.isfinite(embedding).all() and np.isfinite(confidence)):
+            self._count_dropped(1)
             return False
         sample = _Sample(
             t=time.time(),

@@ -319,10 +319,13 @@ def train_candidate(
     sources: list[tuple[np.ndarray, np.ndarray]],
     target: np.ndarray,
     cfg: WorkerConfig,
+    init_probs: np.ndarray | None = None,
 ) -> Candidate:
     """Re-adapt the served version on `target` embeddings (N, D) with the labeled `sources`
     [(features, labels)] per source domain (the artifact's order): the training half of a
-    run, with no store and no gate, so experiments and tests can call it on arrays."""
+    run, with no store and no gate, so experiments and tests can call it on arrays.
+    `init_probs` (N, C) replaces the serving head's probabilities as the first pseudo-labels
+    (the benchmark's deliberately permuted candidate)."""
     import torch
 
     from adapt.models import load_backbone
@@ -360,7 +363,7 @@ def train_candidate(
         learner,
         sources,
         target,
-        init_probs=serving_head.probs(target),
+        init_probs=serving_head.probs(target) if init_probs is None else init_probs,
         logit_scale=serving_head.logit_scale,
         cfg=fit_cfg,
         mode=cfg.method,

@@ -29,35 +29,49 @@ def test_bench_quick_prints_one_json_object(what, capsys):
 
 
 def test_bench_online_quick_runs_the_loop_on_a_real_server(capsys):
-    """The quick online bench: real `MP2A_ONLINE=1 mp2a serve`, a shifted stream stored, one
-    POST /adapt run to its end, accuracy and latency figures from the served answers."""
+    """The quick online bench: real `MP2A_ONLINE=1 mp2a serve` per scenario, a shifted stream
+    stored, one POST /adapt run to its end, accuracy and latency figures from the served
+    answers; a harmful stream rejected; the permuted candidate and the drift rounds."""
     assert main(["bench", "online", "--json", "--quick"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0
     r = json.loads(out)
     assert r["bench"] == "online" and r["stream_domain"] == "handwritten"
     assert r["adapted_for"] == "printed" and r["artifact_sources"] == ["textured", "street"]
-    assert r["stream_images"] == 300 and r["served_versions_before"] == ["1"]
-    a = r["adaptation"]
+    main_stream = r["streams"]["handwritten"]
+    assert main_stream["stream_images"] == 300 and main_stream["served_versions_before"] == ["1"]
+    a = main_stream["adaptation"]
     assert a["state"] in ("accepted", "rejected"), a
-    assert a["n_traffic"] == 300 and a["seconds"] > 0 and a["gate"]["n_traffic_holdout"] == 60
+    assert a["method"] == "mp2a-t" and a["n_traffic"] == 300 and a["seconds"] > 0
+    assert a["gate"]["n_traffic_holdout"] == 60 and "estimated_gain" in a["gate"]
     if a["state"] == "accepted":
-        assert r["served_version_after"] == str(a["version"]) == "2"
+        assert main_stream["served_version_after"] == str(a["version"]) == "2"
     else:
-        assert r["served_version_after"] == "1"
-        assert r["accuracy"]["stream_after"] == r["accuracy"]["stream_before"]
+        assert main_stream["served_version_after"] == "1"
+        acc = main_stream["accuracy"]
+        assert acc["stream_after"] == acc["stream_before"]
     for k in ("stream_before", "stream_after", "fresh_before", "fresh_after"):
-        assert 0.1 < r["accuracy"][k] <= 1.0  # ten classes: well above chance
-    lat = r["latency"]
+        assert 0.1 < main_stream["accuracy"][k] <= 1.0  # ten classes: well above chance
+    lat = main_stream["latency"]
     for phase in ("idle", "during_adaptation"):
         assert lat[phase]["requests"] > 0 and lat[phase]["errors"] == 0
         assert 0 < lat[phase]["p50_ms"] <= lat[phase]["p99_ms"]
     assert lat["p99_ratio"] == pytest.approx(
         lat["during_adaptation"]["p99_ms"] / lat["idle"]["p99_ms"], abs=1e-3
     )
+    noise = r["harmful"]["noise"]
+    assert noise["adaptation"]["state"] == "rejected" and noise["served_version_after"] == "1"
+    assert r["permuted_candidate"]["accepted"] is False
+    assert any("prompt rows" in s for s in r["permuted_candidate"]["reasons"])
+    assert r["targets"]["no_harmful_accepted"] is True and r["targets"]["harmful_accepted"] == []
+    d = r["drift"]
+    assert [row["round"] for row in d["rounds"]] == [0, 1, 2]
+    assert all(row["state"] in ("accepted", "rejected") for row in d["rounds"][1:])
     assert r["targets"]["adaptation_lt_60_s_on_10k"] is False  # 300 samples: not measured
 
 
 def test_bench_online_refuses_bad_settings(capsys):
-    assert main(["bench", "online", "--quick", "--refine", "-1"]) == 2
-    assert "--refine must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "online", "--quick", "--method", "magic"]) == 2
+    assert "--method 'magic': choose mp2a-t or mp2a" in capsys.readouterr().err
+    assert main(["bench", "online", "--quick", "--source-margin", "2"]) == 2
+    assert "--source-margin must be in 0..1" in capsys.readouterr().err

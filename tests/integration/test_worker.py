@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,9 +26,14 @@ CFG = worker.WorkerConfig(min_samples=20, stages=2, steps_per_stage=15)
 
 
 @pytest.fixture(scope="module")
-def street_embeddings(street_run: Path, digits_small: Path) -> np.ndarray:
+def street_embeddings(street_run: Path, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """200 street images (seed 2, not the artifact's own): enough for a held-out fifth of 40."""
+    from adapt.digits import build_digits
+
+    root = tmp_path_factory.mktemp("street-traffic") / "digits"
+    build_digits(root, seed=2, per_class=20, domains=["street"], workers=1)
     art = versions.load_current(street_run)
-    files = sorted((digits_small / "street").glob("*/*.png"))
+    files = sorted((root / "street").glob("*/*.png"))
     x = preprocess_batch([load_image(f) for f in files], art.preprocessing)
     enc = OrtEncoder(street_run / "export" / "image_encoder.onnx", threads=2)
     return enc(x)
@@ -41,15 +47,29 @@ def run(tmp_path: Path, street_run: Path) -> Path:
     return out
 
 
-def fill_store(run: Path, emb: np.ndarray) -> Path:
+def fill_store(run: Path, emb: np.ndarray, damaged: np.ndarray | None = None) -> Path:
+    """A store of `emb` as the server writes it, plus `damaged` rows (NaN/inf embeddings that
+    the server refuses to store, written as a damaged file or an older writer would)."""
     art = versions.load_current(run)
     path = run / "worker-traffic.sqlite"
+    path.unlink(missing_ok=True)
     store = TrafficStore(StoreConfig(path=path, dim=art.backbone.embed_dim))
     probs = art.head.probs(emb)
     for e, p in zip(emb, probs, strict=True):
         store.offer(e, int(p.argmax()), float(p.max()), str(art.version))
+    if damaged is not None:
+        assert not store.offer(damaged[0], 0, 0.5, "1")  # refused at the door
     store.close()
-    assert store.count() == len(emb)
+    if damaged is not None:
+        con = sqlite3.connect(path)
+        con.executemany(
+            "INSERT INTO samples (t, version, label, confidence, embedding) VALUES (?,?,?,?,?)",
+            [(time.time(), "1", 0, 0.5, d.astype("<f4").tobytes()) for d in damaged],
+        )
+        con.commit()
+        con.close()
+    n = len(emb) + (0 if damaged is None else len(damaged))
+    assert store.count() == n
     return path
 
 
@@ -67,6 +87,10 @@ def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
         assert isinstance(g[k], float)
     assert status["n_traffic"] == len(street_embeddings) and status["seconds"] > 0
     assert status["start"].startswith("hand template")  # a zero-shot artifact has no prompts
+    assert status["method"] == "mp2a-t" and status["n_traffic_dropped"] == 0
+    assert status["head_fit"]["prompt_rows"] == 3  # street's three source domains
+    for k in ("estimate_serving", "estimate_candidate", "atc_serving", "class_structure"):
+        assert isinstance(g[k], float), k
     (logged,) = versions.decisions(run)  # every outcome is kept, a rejected one included
     assert logged["state"] == status["state"] and logged["gate"]["agreement"] == g["agreement"]
     assert "config" not in logged["gate"] and logged["n_traffic"] == len(street_embeddings)
@@ -78,6 +102,9 @@ def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
         assert art.manifest["decision"]["accepted"] is True
         assert "prompts.safetensors" in art.manifest["files"]
         assert art.manifest["prompt"]["n_class_ctx"] == 4 and art.manifest["prompt"]["template"]
+        kinds = [r["kind"] for r in art.manifest["head_rows"]]
+        assert kinds == ["prompt", "prompt", "prompt", "prototype"]
+        assert art.head.weight.shape[0] == 4 and art.prompt_head().num_rows == 3
         assert versions.history(run)[0]["decision"] == art.manifest["decision"]
         # a second run starts from the published prompts
         again = worker.run_once(run, store, CFG)
@@ -87,17 +114,84 @@ def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
         assert status["reasons"] and versions.current(run) == 1
 
 
+@pytest.fixture(scope="module")
+def shift_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A zero-shot artifact made for `printed` (sources textured and street, 100 images a
+    class) and 1,000 labeled `handwritten` embeddings as traffic: a genuine domain shift."""
+    from adapt.digits import build_digits
+    from adapt.features import encode_files
+    from adapt.models import load_model
+    from mp2a.cli import main
+
+    base = tmp_path_factory.mktemp("shift-case")
+    root = base / "digits"
+    build_digits(root, seed=0, per_class=100, domains=["printed", "textured", "street"])
+    hand = base / "hand"
+    build_digits(hand, seed=3, per_class=100, domains=["handwritten"])
+    args = ["adapt", "--data", str(root), "--target", "printed", "--method", "zeroshot"]
+    assert main([*args, "--out", str(base / "run"), "--no-cache", "--quiet"]) == 0
+    files = sorted((hand / "handwritten").glob("*/*.png"))
+    labels = np.array([CLASSES.index(f.parent.name) for f in files])
+    emb, ok = encode_files(load_model("tiny-digits"), files, progress=False)
+    assert ok.all()
+    return base / "run", emb, labels
+
+
+CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_a_genuine_shift_is_adapted_to_accepted_and_really_better(tmp_path, shift_case):
+    """mp2a-t on handwritten traffic for a printed artifact: the gate accepts without labels,
+    the published head has a prototype row, and the labels (known here, never used) confirm
+    it is better on the traffic."""
+    base, emb, labels = shift_case
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    store = fill_store(run, emb)
+    status = worker.run_once(run, store, worker.WorkerConfig(min_samples=20))  # the defaults
+    print("\ngate:", {k: v for k, v in status["gate"].items() if k != "config"})
+    assert status["state"] == "accepted", status["reasons"]
+    g = status["gate"]
+    assert g["estimated_gain"] >= 0.01 and g["class_structure"] > 0.65
+    art = versions.load_version(run, 2)
+    assert [r["kind"] for r in art.manifest["head_rows"]] == ["prompt", "prompt", "prototype"]
+    assert art.manifest["method"] == "online-mp2a-t"
+    served = versions.load_version(run, 1)
+    before = (served.head.probs(emb).argmax(1) == labels).mean()
+    after = (art.head.probs(emb).argmax(1) == labels).mean()
+    print(f"\nhandwritten traffic: {100 * before:.1f} -> {100 * after:.1f} % (labels unused)")
+    assert after > before + 0.02
+
+
 def test_a_failing_run_reports_failed_and_keeps_the_served_version(run):
     dim = versions.load_current(run).backbone.embed_dim
     empty = TrafficStore(StoreConfig(path=run / "empty.sqlite", dim=dim), start=False)
     status = worker.run_once(run, empty.path, CFG)
     assert status["state"] == "failed"
-    assert "0 stored traffic samples" in status["reasons"][0]
+    assert "0 usable stored traffic samples" in status["reasons"][0]
     assert read_status(run)["state"] == "failed"
     assert versions.current(run) == 1 and not (versions.versions_dir(run) / "2").exists()
     missing = worker.run_once(run, run / "nope.sqlite", CFG)
     assert missing["state"] == "failed" and "no traffic store" in missing["reasons"][0]
     assert [d["state"] for d in versions.decisions(run)] == ["failed", "failed"]
+
+
+def test_nan_embeddings_are_dropped_and_too_few_samples_fail_clearly(run, street_embeddings):
+    """Embeddings with NaN/inf in the store are dropped and counted; fewer usable samples than
+    classes is a failed run that names the numbers; nothing is published either way."""
+    bad = street_embeddings[:6].copy()
+    bad[:3, 0] = np.nan
+    bad[3:, 5] = np.inf
+    store = fill_store(run, street_embeddings[:4], damaged=bad)
+    cfg = worker.WorkerConfig(min_samples=1, stages=1, steps_per_stage=2)
+    status = worker.run_once(run, store, cfg)
+    assert status["state"] == "failed"
+    assert "4 usable stored traffic samples (6 dropped as NaN/inf)" in status["reasons"][0]
+    assert "one per class" in status["reasons"][0] and versions.current(run) == 1
+    store = fill_store(run, street_embeddings, damaged=bad)
+    status = worker.run_once(run, store, CFG)
+    assert status["state"] in ("accepted", "rejected"), status
+    assert status["n_traffic_dropped"] == 6 and status["n_traffic"] == len(street_embeddings)
 
 
 def test_the_loop_consumes_a_request_in_one_iteration(run, street_embeddings):
@@ -152,13 +246,19 @@ def test_request_settings_size_the_run_and_bad_ones_fail_it(run, street_embeddin
     store = fill_store(run, street_embeddings[:25])
     worker.request_path(run).parent.mkdir(exist_ok=True)
     cfg = worker.WorkerConfig(min_samples=20, stages=3, steps_per_stage=5)
-    worker.request_path(run).write_text(json.dumps({"settings": {"stages": 1}}))
+    worker.request_path(run).write_text(
+        json.dumps({"settings": {"stages": 1, "method": "mp2a"}})
+    )
     (done,) = worker.loop(run, store, cfg, max_iterations=1)
     assert done["state"] in ("accepted", "rejected") and len(done["per_stage"]) == 1
+    assert done["method"] == "mp2a" and done["head_fit"] is None  # the paper's: no prototype
     # a hand-written request file is checked by the worker too
     worker.request_path(run).write_text(json.dumps({"settings": {"stages": "many"}}))
     (bad,) = worker.loop(run, store, cfg, max_iterations=1)
     assert bad["state"] == "failed" and "stages must be an integer" in bad["reasons"][0]
+    worker.request_path(run).write_text(json.dumps({"settings": {"method": "magic"}}))
+    (bad,) = worker.loop(run, store, cfg, max_iterations=1)
+    assert bad["state"] == "failed" and "method must be one of mp2a-t, mp2a" in bad["reasons"][0]
     assert read_status(run)["state"] == "failed"
 
 
@@ -196,12 +296,16 @@ def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):
         ({"MP2A_ADAPT_STEPS": "ten"}, "MP2A_ADAPT_STEPS must be a positive integer, got 'ten'"),
         ({"MP2A_ADAPT_INTERVAL_S": "-5"}, "MP2A_ADAPT_INTERVAL_S must be a positive number"),
         ({"MP2A_ADAPT_MIN_SAMPLES": "0"}, "MP2A_ADAPT_MIN_SAMPLES must be a positive integer"),
+        ({"MP2A_ADAPT_METHOD": "magic"}, "MP2A_ADAPT_METHOD must be one of mp2a-t, mp2a"),
+        ({"MP2A_GATE_MIN_GAIN": "-1"}, "MP2A_GATE_MIN_GAIN must be a non-negative number"),
     ]:
         with pytest.raises(Mp2aError, match=says):
             worker_command(tmp_path, env)
-    cmd = worker_command(tmp_path, {"MP2A_ADAPT_STEPS": "7", "MP2A_ADAPT_MAX_SAMPLES": "900"})
+    env = {"MP2A_ADAPT_STEPS": "7", "MP2A_ADAPT_MAX_SAMPLES": "900", "MP2A_ADAPT_METHOD": "mp2a"}
+    cmd = worker_command(tmp_path, env)
     assert cmd is not None
     assert cmd[cmd.index("--steps") + 1] == "7" and cmd[cmd.index("--max-samples") + 1] == "900"
+    assert cmd[cmd.index("--method") + 1] == "mp2a"
 
 
 def test_online_serving_without_the_training_stack_is_a_one_line_error(tmp_path, monkeypatch):

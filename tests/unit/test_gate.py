@@ -1,5 +1,6 @@
-"""The quality gate on real heads and features (numpy only): it passes the serving head
-against itself and rejects deliberately bad candidates with the reason named."""
+"""The quality gate on real heads and features (numpy only): it accepts a candidate that is
+better on the traffic, and rejects no gain, broken candidates and harmful streams with the
+reason named."""
 
 from __future__ import annotations
 
@@ -15,20 +16,36 @@ C, D = 5, 16
 
 
 @pytest.fixture(scope="module")
-def data() -> tuple[Head, np.ndarray, np.ndarray, np.ndarray]:
-    """A head whose classes are well separated, labeled source rows and unlabeled traffic."""
+def world() -> dict:
+    """True class directions, a serving head that mixes up classes 1 and 2, labeled source
+    rows and unlabeled traffic drawn around the true directions."""
     rng = np.random.default_rng(0)
-    w = l2_normalize(rng.normal(size=(1, C, D))).astype(np.float32)
-    head = Head(weight=w, logit_scale=30.0)
+    w = l2_normalize(rng.normal(size=(C, D))).astype(np.float32)
 
     def sample(n: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
         y = np.arange(n) % C
-        x = l2_normalize(w[0, y] + noise * rng.normal(size=(n, D))).astype(np.float32)
+        x = l2_normalize(w[y] + noise * rng.normal(size=(n, D))).astype(np.float32)
         return x, y
 
-    src_x, src_y = sample(200, 0.2)
-    traffic, _ = sample(150, 0.3)
-    return head, src_x, src_y, traffic
+    confused = w.copy()
+    confused[1] = l2_normalize(w[1] + 1.5 * w[2])
+    src_x, src_y = sample(400, 0.25)
+    traffic, traffic_y = sample(300, 0.25)
+    return {
+        "true": Head(weight=w[None], logit_scale=30.0),
+        "serving": Head(weight=confused[None], logit_scale=30.0),
+        "src": (src_x, src_y),
+        "traffic": traffic,
+        "traffic_y": traffic_y,
+    }
+
+
+def evaluate(world: dict, serving: Head, candidate: Head, traffic=None, **kw) -> dict:
+    x, y = world["src"]
+    t = world["traffic"] if traffic is None else traffic
+    r = gate.evaluate(serving, candidate, x, y, t, **kw)
+    json.dumps(r)  # every figure is JSON-ready
+    return r
 
 
 def test_holdout_mask_is_every_fifth_row():
@@ -36,55 +53,90 @@ def test_holdout_mask_is_every_fifth_row():
     assert m.tolist() == [i % 5 == 0 for i in range(12)]
 
 
-def test_the_serving_head_passes_against_itself(data):
-    head, x, y, t = data
-    r = gate.evaluate(head, head, x, y, t)
-    assert r["accepted"] and r["reasons"] == []
-    assert r["agreement"] == 1.0 and r["source_accuracy_drop"] == 0.0
-    assert r["source_accuracy_serving"] > 0.9
-    json.dumps(r)  # every figure is JSON-ready
+def test_a_better_candidate_is_accepted_with_every_estimate_up(world):
+    serving, better = world["serving"], world["true"]
+    true_s = (serving.probs(world["traffic"]).argmax(1) == world["traffic_y"]).mean()
+    true_c = (better.probs(world["traffic"]).argmax(1) == world["traffic_y"]).mean()
+    assert true_c > true_s + 0.05  # the premise: it really is better
+    r = evaluate(world, serving, better)
+    assert r["accepted"] and r["reasons"] == [], r["reasons"]
+    assert r["atc_candidate"] > r["atc_serving"]
+    assert r["refined_agreement_candidate"] > r["refined_agreement_serving"]
+    assert r["estimated_gain"] == pytest.approx(r["estimate_candidate"] - r["estimate_serving"])
+    assert r["estimated_gain"] >= gate.GateConfig().min_gain
+    assert r["class_structure"] > gate.GateConfig().min_structure
+    # ATC follows the true accuracy of the better head closely on this clean problem
+    assert abs(r["atc_candidate"] - true_c) < 0.1
 
 
-def test_a_head_with_shuffled_class_rows_is_rejected(data):
-    head, x, y, t = data
-    bad = Head(weight=head.weight[:, np.roll(np.arange(C), 1)], logit_scale=head.logit_scale)
-    r = gate.evaluate(head, bad, x, y, t)
+def test_the_serving_head_against_itself_is_no_gain(world):
+    r = evaluate(world, world["true"], world["true"])
+    assert not r["accepted"] and r["estimated_gain"] == 0.0 and r["agreement"] == 1.0
+    assert len(r["reasons"]) == 1 and "not at least 0.010 above" in r["reasons"][0]
+
+
+def test_a_head_with_shuffled_class_rows_is_rejected(world):
+    good = world["true"]
+    bad = Head(weight=good.weight[:, np.roll(np.arange(C), 1)], logit_scale=good.logit_scale)
+    r = evaluate(world, good, bad)
     assert not r["accepted"]
     assert r["source_accuracy_candidate"] < 0.1 and r["agreement"] < 0.1
-    assert any("source accuracy" in s for s in r["reasons"])
-    assert any("agreement" in s for s in r["reasons"])
+    text = " ".join(r["reasons"])
+    for what in ("held-out source accuracy", "prompt rows", "agreement", "ATC estimate fell"):
+        assert what in text
 
 
-def test_a_head_predicting_one_class_is_rejected(data):
-    head, x, y, t = data
+def test_damaged_prompt_rows_are_rejected_even_when_the_whole_head_looks_fine(world):
+    good = world["true"]
+    bad_prompts = Head(weight=good.weight[:, np.roll(np.arange(C), 2)], logit_scale=30.0)
+    r = evaluate(world, world["serving"], good, candidate_prompts=bad_prompts)
+    assert not r["accepted"] and r["source_accuracy_prompts_candidate"] < 0.1
+    assert any("prompt rows reach" in s for s in r["reasons"])
+
+
+def test_a_head_predicting_one_class_is_rejected(world):
+    t = world["traffic"]
     w = np.repeat(l2_normalize(t.mean(0))[None, None], C, axis=1).astype(np.float32)
     w[:, 1:] *= -1  # class 0 points at the mean of the traffic, every other row away from it
-    r = gate.evaluate(head, Head(weight=w, logit_scale=head.logit_scale), x, y, t)
+    r = evaluate(world, world["true"], Head(weight=w, logit_scale=30.0))
     assert not r["accepted"]
     assert r["max_class_share_candidate"] >= 0.8 and r["max_class_candidate"] == 0
     assert any("class 0 takes" in s for s in r["reasons"])
 
 
-def test_a_small_source_loss_within_the_margin_passes_and_a_flat_head_fails_on_entropy(data):
-    head, x, y, t = data
-    cooler = Head(weight=head.weight, logit_scale=head.logit_scale * 0.9)
-    assert gate.evaluate(head, cooler, x, y, t)["accepted"]
-    flat = Head(weight=head.weight, logit_scale=1.0)  # near-uniform probabilities
-    r = gate.evaluate(head, flat, x, y, t)
+def test_a_flat_head_fails_on_entropy(world):
+    flat = Head(weight=world["true"].weight, logit_scale=1.0)  # near-uniform probabilities
+    r = evaluate(world, world["true"], flat)
     assert not r["accepted"] and r["entropy_candidate"] > 0.9
     assert any("entropy" in s for s in r["reasons"])
 
 
-def test_an_unbalanced_serving_head_does_not_block_an_equally_unbalanced_candidate(data):
-    head, x, y, _ = data
-    t = np.repeat(x[y == 2][:1], 40, axis=0)  # traffic of a single class
-    r = gate.evaluate(head, head, x, y, t)
-    assert r["max_class_share_serving"] == 1.0 and r["accepted"]
+def test_a_stream_flooded_by_one_class_is_refused_whatever_the_candidate(world):
+    x, y = world["src"]
+    flood = np.concatenate([np.repeat(x[y == 2][:50], 2, axis=0), x[y != 2][:10]])
+    r = evaluate(world, world["serving"], world["true"], traffic=flood)
+    assert not r["accepted"] and r["max_class_share_serving"] > 0.6
+    assert any("dominated by one class" in s for s in r["reasons"])
 
 
-def test_a_head_of_another_shape_or_no_traffic_is_rejected(data):
-    head, x, y, t = data
-    other = Head(weight=head.weight[:, :3], logit_scale=head.logit_scale)
-    assert not gate.evaluate(head, other, x, y, t)["accepted"]
-    r = gate.evaluate(head, head, x, y, t[:0])
+def test_traffic_the_classes_do_not_organise_is_refused(world):
+    """Random directions (noise, another label set): the head's classes explain little."""
+    noise = l2_normalize(np.random.default_rng(3).normal(size=(300, D))).astype(np.float32)
+    r = evaluate(world, world["serving"], world["true"], traffic=noise)
+    assert not r["accepted"] and r["class_structure"] < 0.65
+    assert any("explain little of this traffic" in s for s in r["reasons"])
+
+
+def test_a_head_of_another_shape_or_too_little_traffic_is_rejected(world):
+    good = world["true"]
+    other = Head(weight=good.weight[:, :3], logit_scale=good.logit_scale)
+    assert not evaluate(world, good, other)["accepted"]
+    r = evaluate(world, world["serving"], good, traffic=world["traffic"][:5])
     assert not r["accepted"] and "traffic checks cannot run" in r["reasons"][0]
+
+
+def test_atc_matches_the_source_accuracy_on_the_source_itself(world):
+    x, y = world["src"]
+    p = world["serving"].probs(x)
+    est, _ = gate.atc_estimate(p, y, p)
+    assert est == pytest.approx((p.argmax(1) == y).mean(), abs=0.01)

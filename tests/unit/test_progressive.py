@@ -9,7 +9,6 @@ from adapt.progressive import (
     FitConfig,
     fit,
     ratio_at,
-    refine_with_centroids,
     select_class_balanced,
     select_threshold,
 )
@@ -51,6 +50,10 @@ def test_class_balanced_selection_takes_top_per_class():
     # a rare class keeps at least one sample even at a small ratio
     idx, pseudo = select_class_balanced(probs, 0.01)
     assert sorted(pseudo.tolist()) == [0, 1]
+    # another confidence ranks within the same pseudo-classes
+    conf = np.array([0.1, 0.9, 0.2, 0.3, 0.5, 0.6])
+    idx, pseudo = select_class_balanced(probs, 0.5, conf)
+    assert idx.tolist() == [1, 3, 5] and pseudo.tolist() == [0, 0, 1]
 
 
 def test_threshold_selection():
@@ -131,6 +134,21 @@ def test_fit_modes_and_stage_log(micro_model_dir):
         progress=False,
     )
     assert so.per_stage[0]["selected"] == 0
+    assert r.refinement is None and one.refinement is None
+
+
+@pytest.mark.parametrize("stage_refine", [False, True])
+def test_mp2a_t_runs_the_stages_and_returns_the_final_refinement(micro_model_dir, stage_refine):
+    lm, sources, target, init = _toy_problem(micro_model_dir)
+    cfg = FitConfig(stages=2, steps_per_stage=3, batch_size=8, stage_refine=stage_refine)
+    learner = MultiPromptLearner(lm, ["zero", "one", "two"], 2, "a photo of the number {}.")
+    r = fit(learner, sources, target, init, 10.0, cfg, "mp2a-t", progress=False)
+    assert [row["stage"] for row in r.per_stage] == [1, 2]
+    assert r.refinement is not None and r.refinement.probs.shape == (len(target), 3)
+    if not stage_refine:  # the same stages as mp2a: the same prompts, bit for bit
+        plain = MultiPromptLearner(lm, ["zero", "one", "two"], 2, "a photo of the number {}.")
+        p = fit(plain, sources, target, init, 10.0, cfg, "mp2a", progress=False)
+        np.testing.assert_array_equal(p.head_weight, r.head_weight)
 
 
 def test_learner_initial_domain_context_is_the_hand_prompt(micro_model_dir):
@@ -152,25 +170,3 @@ def test_learner_rejects_prompts_that_do_not_fit(micro_model_dir):
     lm = load_model(str(micro_model_dir))  # 16-token text tower
     with pytest.raises(DataError, match="do not fit"):
         MultiPromptLearner(lm, ["a very long class name " * 3], 1, "a photo of a {}.")
-
-
-def test_centroid_refinement_fixes_a_systematic_head_error():
-    """Three well-separated clusters; the head calls half of class 2 "class 1". Centroids
-    of the probability-weighted features pull those back; zero rounds changes nothing."""
-    rng = np.random.default_rng(0)
-    centres = np.eye(3, 16) * 4
-    y = np.repeat(np.arange(3), 100)
-    x = (centres[y] + rng.normal(0, 0.5, (300, 16))).astype(np.float32)
-    probs = np.eye(3, dtype=np.float32)[y] * 0.8 + 0.1
-    wrong = (y == 2) & (np.arange(300) % 2 == 0)
-    probs[wrong] = [0.1, 0.8, 0.1]
-    assert (probs.argmax(1) == y).mean() == pytest.approx(250 / 300)
-    assert np.array_equal(refine_with_centroids(x, probs, 0, 10.0), probs)
-    out = refine_with_centroids(x, probs, 3, 10.0)
-    assert out.shape == probs.shape and np.allclose(out.sum(1), 1, atol=1e-5)
-    assert (out.argmax(1) == y).mean() == 1.0
-    # a class no sample is given keeps no centroid (no probability mass appears for it)
-    none_for_2 = probs.copy()
-    none_for_2[:, 2] = 0
-    none_for_2 /= none_for_2.sum(1, keepdims=True)
-    assert refine_with_centroids(x, none_for_2, 2, 10.0)[:, 2].max() == 0
