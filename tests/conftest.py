@@ -84,3 +84,18 @@ def street_run(tmp_path_factory: pytest.TempPathFactory, digits_small: Path) -> 
     assert main([*args, "--out", str(out), "--no-cache", "--quiet"]) == 0
     export(out, "onnx", cache_dir=base / "street-onnx-cache")
     return out
+
+
+@pytest.fixture(scope="session")
+def transductive_run(tmp_path_factory: pytest.TempPathFactory, digits_small: Path) -> Path:
+    """A `--method transductive` tiny-CLIP artifact on DigitsDA street (a head of a prompt row
+    and a prototype row with its own scale, bias and weight), exported to ONNX."""
+    from export.run import export
+    from mp2a.cli import main
+
+    base = tmp_path_factory.getbasetemp()
+    out = base / "street-transductive-run"
+    args = ["adapt", "--data", str(digits_small), "--target", "street", "--method", "transductive"]
+    assert main([*args, "--out", str(out), "--no-cache", "--quiet"]) == 0
+    export(out, "onnx", cache_dir=base / "street-onnx-cache")
+    return out

@@ -112,12 +112,26 @@ def test_single_source_is_fine_zero_sources_is_an_error(
     assert code == 2 and "cannot also be a source" in capsys.readouterr().err
 
 
-def test_mp2a_beats_zeroshot_with_tiny_clip(tmp_path):
-    """Default-size DigitsDA, handwritten target (the domain with the most headroom)."""
+def test_mp2a_and_its_transductive_variants_beat_zeroshot_with_tiny_clip(tmp_path):
+    """Default-size DigitsDA, handwritten target (the domain with the most headroom): mp2a
+    beats zero-shot; the refinement alone beats it more; mp2a-t beats mp2a. Measured (seed 0,
+    docs/RESULTS.md): 55.6, 59.2, 61.3, 62.3 %."""
     from adapt.digits import build_digits
 
     root = tmp_path / "digits"
     build_digits(root, seed=0, per_class=100)
-    assert _adapt(root, "handwritten", tmp_path / "run", "--quiet", "--no-cache") == 0
-    m = load_artifact(tmp_path / "run").metrics()
-    assert m["target_accuracy"] > m["zeroshot_accuracy"] + 0.01, m
+    cache = ["--quiet", "--cache-dir", str(tmp_path / "cache")]
+    acc = {}
+    for method in ("mp2a", "transductive", "mp2a-t"):
+        out = tmp_path / method
+        assert _adapt(root, "handwritten", out, "--method", method, *cache) == 0
+        acc[method] = load_artifact(out).metrics()["target_accuracy"]
+        zs = load_artifact(out).metrics()["zeroshot_accuracy"]
+    print("\nhandwritten:", {"zeroshot": zs, **acc})
+    assert acc["mp2a"] > zs + 0.01
+    assert acc["transductive"] > zs + 0.03
+    assert acc["mp2a-t"] > acc["mp2a"] + 0.01
+    art = load_artifact(tmp_path / "mp2a-t")
+    assert [r["kind"] for r in art.manifest["head_rows"]] == ["prompt"] * 3 + ["prototype"]
+    fit = art.metrics()["head"]
+    assert fit["prompt_rows"] == 3 and fit["relabelled"] <= 0.2 and fit["kl_weight"] >= 1

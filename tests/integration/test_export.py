@@ -64,6 +64,23 @@ def test_fused_edge_model_equals_encoder_plus_head(run_dir, onnx_cache, digits_s
     np.testing.assert_allclose(probs, art.head.probs(emb), atol=1e-5)
 
 
+def test_fused_edge_model_of_a_head_with_a_prototype_row(transductive_run, digits_small):
+    """Rows with their own scale, bias and mixing weight fuse into plain ONNX operators."""
+    from PIL import Image
+
+    art = load_artifact(transductive_run)
+    assert art.head.num_rows == 2 and not art.head.is_plain
+    assert [r["kind"] for r in art.manifest["head_rows"]] == ["prompt", "prototype"]
+    files = sorted((digits_small / "street").glob("*/*.png"))
+    x = preprocess_batch([Image.open(f) for f in files], art.preprocessing)
+    export_dir = transductive_run / "export"
+    emb = OrtEncoder(export_dir / ENCODER, ["CPUExecutionProvider"])(x)
+    probs = OrtEncoder(export_dir / "edge_model.onnx", ["CPUExecutionProvider"])(x)
+    np.testing.assert_allclose(probs, art.head.probs(emb), atol=1e-5)
+    parity = json.loads((export_dir / "parity.json").read_text())
+    assert parity["top1_agreement"] >= 0.995
+
+
 def test_int8_parity(run_dir, onnx_cache):
     r = export(run_dir, "onnx-int8", cache_dir=onnx_cache)
     assert (run_dir / "export" / ENCODER_INT8).is_file()

@@ -123,6 +123,21 @@ def test_served_probabilities_equal_offline_evaluation(client, run_dir, images, 
         assert "model;dur=" in r.headers["server-timing"]
 
 
+def test_a_head_with_a_prototype_row_serves_its_offline_probabilities(transductive_run, images):
+    """The served head is the whole mixture of rows (prototype row included)."""
+    art = load_artifact(transductive_run)
+    enc = OrtEncoder(transductive_run / "export" / "image_encoder.onnx", ["CPUExecutionProvider"])
+    want = art.head.probs(
+        enc(preprocess_batch([load_image(f) for f in images[:6]], art.preprocessing))
+    )
+    with make_client(transductive_run) as c:
+        assert c.get("/model").json()["method"] == "transductive"
+        for f, p in zip(images[:6], want, strict=True):
+            r = post_image(c, f.read_bytes(), f.name)
+            assert r.status_code == 200, r.text
+            assert_matches(r.json(), p, art.classes)
+
+
 def test_torch_backend_equals_offline_evaluation(run_dir, images, offline):
     """The torch fallback serves the same probabilities as the exported encoder."""
     classes = load_artifact(run_dir).classes

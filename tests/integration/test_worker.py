@@ -246,9 +246,7 @@ def test_request_settings_size_the_run_and_bad_ones_fail_it(run, street_embeddin
     store = fill_store(run, street_embeddings[:25])
     worker.request_path(run).parent.mkdir(exist_ok=True)
     cfg = worker.WorkerConfig(min_samples=20, stages=3, steps_per_stage=5)
-    worker.request_path(run).write_text(
-        json.dumps({"settings": {"stages": 1, "method": "mp2a"}})
-    )
+    worker.request_path(run).write_text(json.dumps({"settings": {"stages": 1, "method": "mp2a"}}))
     (done,) = worker.loop(run, store, cfg, max_iterations=1)
     assert done["state"] in ("accepted", "rejected") and len(done["per_stage"]) == 1
     assert done["method"] == "mp2a" and done["head_fit"] is None  # the paper's: no prototype

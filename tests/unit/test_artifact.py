@@ -124,3 +124,71 @@ def test_head_probs_average_of_softmaxes():
         want += e / e.sum(1, keepdims=True) / 3
     np.testing.assert_allclose(p, want, rtol=1e-5)
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+
+
+def test_a_head_of_rows_round_trips_and_says_which_rows_are_prototypes(tmp_path):
+    """K rows with their own scale, bias and mixing weight; the manifest names each row's
+    kind; prompt_head() is the prompt rows alone."""
+    c = small_contents()
+    rng = np.random.default_rng(1)
+    w = l2_normalize(rng.normal(size=(3, 3, 8)).astype(np.float32))
+    c.head = Head(
+        w,
+        50.0,
+        row_scale=np.array([50.0, 50.0, 1.0], np.float32),
+        row_bias=np.array([[0, 0, 0], [0, 0, 0], [0.5, -1.0, 0.2]], np.float32),
+        row_weight=np.array([0.05, 0.05, 0.9], np.float32),
+    )
+    c.head_rows = [
+        {"kind": "prompt", "source": "printed"},
+        {"kind": "prompt"},
+        {"kind": "prototype"},
+    ]
+    write_artifact(tmp_path / "run", c)
+    a = load_artifact(tmp_path / "run")
+    f = l2_normalize(rng.normal(size=(6, 8)).astype(np.float32))
+    np.testing.assert_allclose(a.head.probs(f), c.head.probs(f), atol=1e-6)
+    assert [r["kind"] for r in a.manifest["head_rows"]] == ["prompt", "prompt", "prototype"]
+    prompts = a.prompt_head()
+    assert prompts.num_rows == 2
+    np.testing.assert_allclose(prompts.weights(), [0.5, 0.5])
+    np.testing.assert_allclose(prompts.probs(f), Head(w[:2], 50.0).probs(f), atol=1e-6)
+    # the mixture is what the docstring says: sum_k a_k softmax(s_k f.W_k + b_k)
+    logits = np.einsum("bd,kcd->kbc", f, w) * c.head.scales()[:, None, None]
+    logits = logits + c.head.biases()[:, None, :]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(
+        a.head.probs(f), np.einsum("k,kbc->bc", [0.05, 0.05, 0.9], p), atol=1e-6
+    )
+
+
+def test_a_head_written_before_rows_had_figures_loads_as_the_mean_of_its_rows(tmp_path):
+    from safetensors.numpy import save_file
+
+    from mp2a.artifact import sha256_file
+
+    c = small_contents()
+    write_artifact(tmp_path / "run", c)
+    run = tmp_path / "run"
+    manifest = json.loads((run / MANIFEST).read_text())
+    del manifest["head_rows"]  # an artifact of an earlier mp2a
+    save_file(
+        {"weight": c.head.weight, "logit_scale": np.array([50.0], np.float32)}, str(run / HEAD_FILE)
+    )
+    manifest["files"][HEAD_FILE] = sha256_file(run / HEAD_FILE)
+    (run / MANIFEST).write_text(json.dumps(manifest))
+    a = load_artifact(run)
+    assert a.head.is_plain and a.prompt_head() is a.head
+    f = l2_normalize(np.random.default_rng(2).normal(size=(4, 8)).astype(np.float32))
+    logits = 50.0 * np.einsum("bd,scd->sbc", f, c.head.weight)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(a.head.probs(f), (p / p.sum(-1, keepdims=True)).mean(0), atol=1e-6)
+
+
+def test_bad_row_figures_are_refused():
+    w = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="row_scale must have shape"):
+        Head(w, 1.0, row_scale=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="sum to 1"):
+        Head(w, 1.0, row_weight=np.array([0.7, 0.7], np.float32))

@@ -218,3 +218,57 @@ def test_contact_sheet(tree: tuple[Path, dict], tmp_path: Path) -> None:
         assert img.width >= 12 * 2 * SIZE
     with pytest.raises(DataError, match="not a DigitsDA tree"):
         digits.contact_sheet(tmp_path / "sheet", tmp_path / "x.png")
+
+
+def test_shift_styles_are_built_only_when_asked_and_deterministically(tmp_path: Path) -> None:
+    """lcd and dotmatrix: extra domains beside the four, byte-identical per seed, and adding
+    them leaves the four DigitsDA domains unchanged."""
+    from adapt.shift import SHIFT_DOMAINS
+
+    assert not set(SHIFT_DOMAINS) & set(digits.DOMAINS)
+    a = tmp_path / "a"
+    meta = digits.build_digits(
+        a, per_class=3, image_size=32, workers=1, domains=[*digits.DOMAINS[:1], *SHIFT_DOMAINS]
+    )
+    assert list(meta["domains"]) == ["printed", "lcd", "dotmatrix"]
+    assert "seven-segment" in meta["domains"]["lcd"]["source"]
+    b = tmp_path / "b"
+    digits.build_digits(b, per_class=3, image_size=32, workers=1, domains=list(SHIFT_DOMAINS))
+    ha, hb = _hashes(a), _hashes(b)
+    for k, v in hb.items():
+        if k != "meta.json":
+            assert ha[k] == v, k
+    only_printed = tmp_path / "c"
+    digits.build_digits(only_printed, per_class=3, image_size=32, workers=1, domains=["printed"])
+    hc = _hashes(only_printed)
+    assert all(ha[k] == v for k, v in hc.items() if k.startswith("printed/"))
+    for domain in SHIFT_DOMAINS:
+        img = _load(a, domain, "eight", 0)
+        assert img.shape == (32, 32, 3) and img.std() > 10  # a drawn glyph, not a blank
+
+
+def test_seven_segment_and_dot_matrix_glyphs_are_the_digit_shapes() -> None:
+    """The segment and dot tables: 8 lights everything, 1 the fewest; each digit distinct."""
+    from adapt.shift import DOTS, SEGMENTS
+
+    assert SEGMENTS[8] == ("abcdefg",) and SEGMENTS[1] == ("bc",)
+    firsts = {v[0] for v in SEGMENTS.values()}
+    assert len(firsts) == 10
+    assert len({rows for rows in DOTS.values()}) == 10
+    assert all(len(rows) == 7 and all(len(r) == 5 for r in rows) for rows in DOTS.values())
+
+
+def test_harmful_streams_are_deterministic_images_outside_the_label_set() -> None:
+    import io
+
+    from adapt.shift import LETTERS, harmful_stream
+
+    assert not set(LETTERS) & set("0123456789OoIlSZBgq")
+    for kind in ("letters", "noise"):
+        a, b = harmful_stream(kind, 5, seed=1), harmful_stream(kind, 5, seed=1)
+        assert a == b and harmful_stream(kind, 5, seed=2) != a
+        for png in a:
+            im = Image.open(io.BytesIO(png))
+            assert im.size == (32, 32) and im.mode == "RGB"
+    with pytest.raises(ValueError, match="unknown harmful stream 'cats'"):
+        harmful_stream("cats", 1)
