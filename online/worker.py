@@ -20,7 +20,8 @@ One run (`run_once`):
   5. the quality gate (online/gate.py) on the held-out slices; accepted → `versions.publish`
      (parent = the served version, the gate's figures as `decision`); rejected → nothing is
      published.
-Stored embeddings that are not finite are dropped and counted (`n_traffic_dropped`).
+Stored embeddings that are not finite are dropped and counted (`n_traffic_dropped`), and
+repeats of one image count once (`n_traffic_duplicates`).
 Every step is reported in RUN/versions/adapt_status.json (written atomically):
 running → accepted | rejected | failed, with reasons and figures; the outcome is also appended
 to RUN/versions/decisions.jsonl (versions.record_decision). A run whose worker died leaves
@@ -411,6 +412,11 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
     if dropped:
         log.warning("dropped %d stored embeddings holding NaN or infinity", dropped)
         traffic = traffic[ok]
+    # the same image sent again and again (a stuck camera, a health probe) is one sample: a
+    # pile of identical points would pull a class mean and the held-out slice towards it
+    _, first = np.unique(traffic, axis=0, return_index=True)
+    duplicates = len(traffic) - len(first)
+    traffic = traffic[np.sort(first)]
     log.info("read %d traffic embeddings", len(traffic))
     need = max(cfg.min_samples, len(served.classes))
     if len(traffic) < need:
@@ -441,6 +447,7 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         "serving_version": served.version,
         "n_traffic": len(traffic),
         "n_traffic_dropped": dropped,
+        "n_traffic_duplicates": duplicates,
         "n_traffic_train": len(target),
         "n_source_train": int((~src_hold).sum()),
         **cand.figures,
