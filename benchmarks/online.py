@@ -286,11 +286,11 @@ def _shuffled(images: list[bytes], labels: np.ndarray | None, seed: int = 0) -> 
 
 
 def _flood(images: list[bytes], labels: np.ndarray, n: int) -> tuple[list[bytes], np.ndarray]:
-    """`n` images, FLOOD_SHARE of them class FLOOD_CLASS (repeated as needed), the rest mixed."""
+    """Up to `n` distinct images, FLOOD_SHARE of them class FLOOD_CLASS, the rest mixed."""
     one = np.flatnonzero(labels == FLOOD_CLASS)
     rest = np.flatnonzero(labels != FLOOD_CLASS)
-    k = round(FLOOD_SHARE * n)
-    idx = np.concatenate([np.resize(one, k), rest[: n - k]])
+    k = min(round(FLOOD_SHARE * n), len(one))
+    idx = np.concatenate([one[:k], rest[: round(k * (1 - FLOOD_SHARE) / FLOOD_SHARE)]])
     return _shuffled([images[i] for i in idx], labels[idx], seed=1)
 
 

@@ -71,7 +71,8 @@ class GateConfig:
     agreement_floor: float = 0.5
     entropy_factor: float = 1.5
     entropy_slack: float = 0.05
-    max_class_share: float = 0.6
+    max_class_share: float = 0.6  # of the candidate's predictions
+    max_stream_excess: float = 0.35  # of the serving head's predictions, beyond balance
     min_holdout_traffic: int = 20
 
 
@@ -243,11 +244,13 @@ def evaluate(
         estimate_candidate=est_c,
         estimated_gain=est_c - est_s,
     )
-    if share_s > cfg.max_class_share:
+    stream_limit = 1 / c + cfg.max_stream_excess * (1 - 1 / c)
+    fig["stream_share_limit"] = stream_limit
+    if share_s > stream_limit:
         reasons.append(
             f"the stream is dominated by one class: {share_s:.3f} of the held-out traffic is "
-            f"class {top_s} for the serving head (limit {cfg.max_class_share:.3f}); adapting to "
-            "it would teach the head that class; collect a more varied stream"
+            f"class {top_s} for the serving head (limit {stream_limit:.3f}); adapting to it "
+            "would teach the head that class; collect a more varied stream"
         )
     if est_c < est_s + cfg.min_gain:
         reasons.append(

@@ -407,6 +407,7 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         raise FileNotFoundError(f"no traffic store at {store_path}")
     store = TrafficStore(StoreConfig(path=store_path, dim=dim), start=False)
     traffic = store.read(limit=cfg.max_samples).embeddings
+    n_read = len(traffic)
     ok = finite_rows(traffic)
     dropped = int((~ok).sum())
     if dropped:
@@ -445,7 +446,8 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
     )
     figures = {
         "serving_version": served.version,
-        "n_traffic": len(traffic),
+        "n_traffic": n_read,
+        "n_traffic_used": len(traffic),
         "n_traffic_dropped": dropped,
         "n_traffic_duplicates": duplicates,
         "n_traffic_train": len(target),

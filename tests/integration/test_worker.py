@@ -191,7 +191,8 @@ def test_nan_embeddings_are_dropped_and_too_few_samples_fail_clearly(run, street
     store = fill_store(run, street_embeddings, damaged=bad)
     status = worker.run_once(run, store, CFG)
     assert status["state"] in ("accepted", "rejected"), status
-    assert status["n_traffic_dropped"] == 6 and status["n_traffic"] == len(street_embeddings)
+    assert status["n_traffic_dropped"] == 6 and status["n_traffic"] == len(street_embeddings) + 6
+    assert status["n_traffic_used"] == len(street_embeddings)
 
 
 def test_the_loop_consumes_a_request_in_one_iteration(run, street_embeddings):
