@@ -63,8 +63,8 @@ SHIFT = ("lcd", "dotmatrix")
 HARMFUL = ("noise", "letters", "flood")
 FLOOD_SHARE = 0.9
 STATUS_FIELDS = (
-    "state", "reasons", "method", "n_traffic", "seconds", "load_seconds", "fit_seconds",
-    "version", "head_fit",
+    "state", "reasons", "method", "n_traffic", "n_traffic_used", "n_traffic_duplicates",
+    "seconds", "load_seconds", "fit_seconds", "version", "head_fit",
 )  # fmt: skip
 FLOOD_CLASS = 3
 
@@ -493,6 +493,7 @@ def _drift(run: Path, rounds: int, stream: tuple, fresh: tuple) -> dict:
     """`rounds` consecutive worker runs on the stream's embeddings in a real traffic store;
     the served head's true accuracy and the gate's estimates after each."""
     from online import worker
+    from online.state import FileState
     from online.store import StoreConfig, TrafficStore
 
     x_s, y_s = stream
@@ -514,7 +515,7 @@ def _drift(run: Path, rounds: int, stream: tuple, fresh: tuple) -> dict:
     art = _artifact(run)
     rows = [{"round": 0, "version": art.version, "true": true(art)}]
     for r in range(1, rounds + 1):
-        st = worker.run_once(run, store, cfg, request={"trigger": "bench-drift"})
+        st = worker.run_once(FileState(run, store), cfg, request={"trigger": "bench-drift"})
         art = _artifact(run)
         g = st.get("gate") or {}
         rows.append(

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("decode", "preprocess", "encode", "head")
 ADAPTATION_OUTCOMES = ("accepted", "rejected", "failed")
+STATE_OPS = ("watch", "traffic")  # what mp2a_state_errors_total counts
 # exposition names (counters get _total, histograms _bucket/_sum/_count)
 NAMES = (
     "mp2a_inference_latency_seconds",
@@ -33,6 +34,7 @@ NAMES = (
     "mp2a_adaptation_runs_total",
     "mp2a_adaptation_duration_seconds",
     "mp2a_pseudo_label_selected_ratio",
+    "mp2a_state_errors_total",
 )
 # 0.5 ms .. 10 s: the tiny CLIP decodes in under a millisecond, ViT-B-16 on CPU takes seconds
 LATENCY_BUCKETS = (
@@ -55,6 +57,7 @@ class ServingMetrics:
     adaptation_runs: Any  # Counter{outcome=accepted|rejected|failed}, adaptation worker
     adaptation_duration: Any  # Histogram, adaptation worker
     pseudo_label_selected_ratio: Any  # Gauge, adaptation worker
+    state_errors: Any  # Counter{op}: calls to the state backend that failed (database down)
 
     served: list[tuple[str, str]] = field(default_factory=list)  # (version, backbone) seen
 
@@ -145,10 +148,17 @@ def get_metrics() -> ServingMetrics:
             "Fraction of traffic selected as pseudo-labels in the last adaptation stage",
             multiprocess_mode="mostrecent",
         ),
+        state_errors=Counter(
+            "mp2a_state_errors",
+            "Failed calls to the state backend (database unreachable), by operation",
+            ["op"],
+        ),
     )
     # every series exists from the start, so dashboards and rate() see zeros, not gaps
     for stage in STAGES:
         m.inference_latency.labels(stage=stage)
     for outcome in ADAPTATION_OUTCOMES:
         m.adaptation_runs.labels(outcome=outcome)
+    for op in STATE_OPS:
+        m.state_errors.labels(op=op)
     return m

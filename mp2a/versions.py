@@ -225,13 +225,17 @@ def publish(
     method: str = "online",
     prompt_config: dict | None = None,
     rows: list[dict] | None = None,
+    expect_current: int | None = None,
 ) -> int:
     """Write `head` as version N+1 (complete, checksummed, `parent` recorded; default: the
     served version), then make it the served one. Returns N+1. Safe against concurrent
     publishers (a file lock) and against a kill at any point (see the module docstring).
     With `prompts`, `prompt_config` (template, context sizes, fit settings) becomes the
     manifest's `prompt`; without prompts the version has none. `rows` describes the head's
-    rows (mp2a/artifact.py `head_rows`; default: all prompt rows)."""
+    rows (mp2a/artifact.py `head_rows`; default: all prompt rows). With `expect_current`, the
+    publish is refused (ArtifactError) unless that is still the served version: a run
+    trained on version N never replaces a version someone published or rolled back to
+    meanwhile."""
     run = Path(run)
     base = load_artifact(run)
     if head.num_classes != len(base.classes) or head.dim != base.backbone.embed_dim:
@@ -241,6 +245,11 @@ def publish(
         )
     with _locked(run) as d:
         _clean_tmp(d)
+        if expect_current is not None and (served := current(run)) != expect_current:
+            raise ArtifactError(
+                f"{run} serves version {served}, not {expect_current} as when the run started "
+                "(another publish or a rollback happened): nothing published"
+            )
         if parent is None:
             parent = current(run)
         else:

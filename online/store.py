@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NAME = "traffic.sqlite"
 BUSY_TIMEOUT_MS = 30_000  # another process's write transaction is milliseconds; wait, not fail
 RETENTION_INTERVAL_S = 1.0  # age cap checked at least this often, with or without traffic
+RECONNECT_S = 2.0  # a writer that lost its backend tries again after this long
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -308,20 +309,48 @@ class TrafficStore:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _open_writer(self) -> Any:
+        """The writer thread's connection (a subclass may raise; the batch is then dropped)."""
+        return connect(self.path)
+
+    def _close_writer(self, con: Any) -> None:
+        con.close()
+
     def _run(self) -> None:
-        con = connect(self.path)
+        con = None
         last_retention = 0.0
+        retry_at = 0.0  # a backend that cannot be reached is retried, not hammered
         try:
             while not (self._stop.is_set() and self._queue.empty()):
                 batch = self._take_batch()
-                if batch:
-                    self._write(con, batch)
                 now = time.monotonic()
-                if batch or now - last_retention >= RETENTION_INTERVAL_S:
-                    self._retain_and_publish(con)
+                if con is None and now >= retry_at:
+                    try:
+                        con = self._open_writer()
+                    except Exception as e:  # any backend error: drop the batch, go on
+                        log.warning("traffic store: cannot connect (%s); retrying", e)
+                        retry_at = now + RECONNECT_S
+                        self._writer_failed()
+                if batch and con is None:
+                    self._count_dropped(len(batch))
+                    for _ in batch:
+                        self._queue.task_done()
+                elif batch and not self._write(con, batch):
+                    con = self._reset_writer(con)
+                if con is not None and (batch or now - last_retention >= RETENTION_INTERVAL_S):
+                    if not self._retain_and_publish(con):
+                        con = self._reset_writer(con)
                     last_retention = now
         finally:
-            con.close()
+            if con is not None:
+                self._close_writer(con)
+
+    def _reset_writer(self, con: Any) -> Any:
+        """None after a failed write (a subclass whose connection can break drops it)."""
+        return con
+
+    def _writer_failed(self) -> None:
+        """A hook for subclasses to count a backend failure."""
 
     def _take_batch(self) -> list[_Sample]:
         try:
@@ -335,7 +364,8 @@ class TrafficStore:
                 break
         return batch
 
-    def _write(self, con: sqlite3.Connection, batch: list[_Sample]) -> None:
+    def _write(self, con: sqlite3.Connection, batch: list[_Sample]) -> bool:
+        """Insert `batch` in one transaction; False when it was dropped."""
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -348,11 +378,13 @@ class TrafficStore:
         except sqlite3.Error as e:  # disk full, locked past the timeout: lose them, go on
             log.warning("traffic store %s: dropped %d samples: %s", self.path, len(batch), e)
             self._count_dropped(len(batch))
+            return True  # the connection itself is fine
         finally:
             for _ in batch:
                 self._queue.task_done()
+        return True
 
-    def _retain_and_publish(self, con: sqlite3.Connection) -> None:
+    def _retain_and_publish(self, con: sqlite3.Connection) -> bool:
         c = self.config
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -374,9 +406,10 @@ class TrafficStore:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             log.warning("traffic store %s: retention pass failed: %s", self.path, e)
-            return
+            return True
         if self.metrics is not None:
             self.metrics.traffic_samples.set(n)
+        return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written; False on timeout."""

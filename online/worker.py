@@ -1,13 +1,16 @@
 """The online adaptation worker: re-adapt the served head on stored traffic, gate, publish.
 
-Runs in its own process (`python -m online.worker RUN --store PATH`), never inside a serving
-worker. This module imports neither torch nor adapt at module level: the training stack is
-imported inside `run_once`, so the serving process may import the module (e.g. for its
-constants) and stay torch-free.
+Runs in its own process (`python -m online.worker RUN [--state DSN]`), never inside a
+serving worker. This module imports neither torch nor adapt at module level: the training
+stack is imported inside a run, so the serving process may import the module (e.g. for its
+constants) and stay torch-free. Everything it reads and writes goes through the state
+backend (online/state.py: files beside RUN by default, PostgreSQL for a fleet).
 
 One run (`run_once`):
-  1. the newest `max_samples` traffic embeddings from the TrafficStore;
-  2. the served version (`versions.load_current`): its head, source_features.safetensors
+  1. the newest `max_samples` traffic embeddings of the site (stored embeddings that are not
+     finite are dropped and counted in `n_traffic_dropped`; repeats of one image count once,
+     `n_traffic_duplicates`);
+  2. the served version (`State.load_current`): its head, source_features.safetensors
      (features, labels, domains) and prompts (prompts.safetensors; a zero-shot artifact has
      none: the prompt learner starts from the hand template in metrics.json);
   3. the artifact's frozen model (`adapt.models.load_backbone`) and a MultiPromptLearner with
@@ -17,20 +20,19 @@ One run (`run_once`):
      method, prompt rows only) on every row but a held-out slice (every 5th source row and
      every 5th traffic row), starting from the serving head's probabilities as pseudo-labels;
      a served prototype row is not carried over: every run fits its own;
-  5. the quality gate (online/gate.py) on the held-out slices; accepted → `versions.publish`
-     (parent = the served version, the gate's figures as `decision`); rejected → nothing is
-     published.
-Stored embeddings that are not finite are dropped and counted (`n_traffic_dropped`), and
-repeats of one image count once (`n_traffic_duplicates`).
-Every step is reported in RUN/versions/adapt_status.json (written atomically):
-running → accepted | rejected | failed, with reasons and figures; the outcome is also appended
-to RUN/versions/decisions.jsonl (versions.record_decision). A run whose worker died leaves
-"running" with a dead pid: GET /adapt/status reports it failed (`stale_reason`) and the next
-worker records it so (`recover`).
+  5. the quality gate (online/gate.py) on the held-out slices; accepted → `State.publish`
+     (parent = the served version, the gate's figures as `decision`, the decision recorded
+     in the same step; refused if the served version changed meanwhile); rejected → nothing
+     is published.
+Every step is reported in the state's status (running → accepted | rejected | failed, with
+reasons and figures); the outcome goes to the decision history. A run whose worker died
+leaves "running": GET /adapt/status reports it failed and the next worker records it so
+(`recover`).
 
-The loop (`loop`, the CLI) starts a run when RUN/versions/adapt_request.json appears (POST
-/adapt writes it; the worker takes it with an atomic rename), every `interval` seconds, and/or
-when `min_new` samples arrived since the last run. With PROMETHEUS_MULTIPROC_DIR set to the
+The loop (`loop`, the CLI) runs only in the worker that holds the state's lead (a file lock,
+or a PostgreSQL advisory lock: one worker for the whole fleet; the others wait and take over
+when it dies). It starts a run on a POST /adapt request, every `interval` seconds, and/or when
+`min_new` samples arrived since the last run. With PROMETHEUS_MULTIPROC_DIR set to the
 server's directory, outcomes and durations land in mp2a_adaptation_runs_total{outcome} and
 mp2a_adaptation_duration_seconds next to the serving metrics.
 """
@@ -40,13 +42,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as _dt
 import json
 import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -54,18 +54,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mp2a import versions
 from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact
 from mp2a.head import PROMPT, PROTOTYPE, Head
 from mp2a.metrics import ServingMetrics
 from online import gate
-from online.store import StoreConfig, TrafficStore, peek_int
+from online.state import DEFAULT_SITE, State, StateError, now, open_state
 
 log = logging.getLogger(__name__)
-
-ADAPT_STATUS = "adapt_status.json"  # serving/service.py reads and writes these names too
-ADAPT_REQUEST = "adapt_request.json"
-TAKEN_PREFIX = ".taken-"
 
 
 @dataclass(frozen=True)
@@ -127,112 +122,42 @@ def request_overrides(body: object) -> dict[str, int | str]:
     return out
 
 
-def status_path(run: Path) -> Path:
-    return versions.versions_dir(run) / ADAPT_STATUS
-
-
-def request_path(run: Path) -> Path:
-    return versions.versions_dir(run) / ADAPT_REQUEST
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_status(run: Path, status: dict) -> None:
-    """Replace adapt_status.json atomically (temp file + fsync + os.replace)."""
-    d = versions.versions_dir(run)
-    d.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".status-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({**status, "updated_at": _now()}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / ADAPT_STATUS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def take_request(run: Path) -> dict | None:
-    """Consume adapt_request.json if present (atomic rename: one taker wins); its content,
-    {} when it was unreadable, None when there was none."""
-    src = request_path(run)
-    taken = src.with_name(f"{TAKEN_PREFIX}{os.getpid()}-{ADAPT_REQUEST}")
-    try:
-        os.rename(src, taken)
-    except FileNotFoundError:
-        return None
-    try:
-        req = json.loads(taken.read_text())
-        return req if isinstance(req, dict) else {}
-    except (OSError, ValueError):
-        return {}
-    finally:
-        taken.unlink(missing_ok=True)
-
-
 DECISION_FIELDS = (
     "state", "reasons", "request", "serving_version", "version", "started_at", "finished_at",
     "seconds", "fit_seconds", "n_traffic", "pseudo_label_selected_ratio", "gate", "pid", "host",
+    "site",
 )  # fmt: skip
 
 
-def record(run: Path, status: dict) -> None:
-    """Keep a finished run's outcome in the version history (versions.record_decision):
-    rejected and failed runs publish nothing, so this is where their figures stay."""
+def decision_entry(status: dict) -> dict:
+    """What the version history keeps of a finished run (the gate without its config)."""
     entry = {k: status.get(k) for k in DECISION_FIELDS if k in status}
     if isinstance(entry.get("gate"), dict):
         entry["gate"] = {k: v for k, v in entry["gate"].items() if k != "config"}
+    return entry
+
+
+def record(state: State, status: dict, site: str = DEFAULT_SITE) -> None:
+    """Keep a finished run's outcome in the version history: rejected and failed runs
+    publish nothing, so this is where their figures stay (accepted ones are recorded by
+    their publish, in the same step)."""
     try:
-        versions.record_decision(run, entry)
-    except OSError as e:
-        log.warning("cannot record the adaptation outcome in %s: %s", run, e)
+        state.record_decision(decision_entry(status), site)
+    except (OSError, StateError) as e:
+        log.warning("cannot record the adaptation outcome: %s", e)
 
 
-def _pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie (killed, not yet reaped by its parent)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    try:  # Linux: field 3 of /proc/PID/stat is the state; Z = zombie, X = dead
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
-def stale_reason(status: dict) -> str | None:
-    """Why a "running" status is a dead run's leftover (its worker process, on this host, no
-    longer exists), or None. A status written on another host is never judged from here."""
-    if status.get("state") != "running" or status.get("host") != socket.gethostname():
+def recover(state: State, site: str = DEFAULT_SITE) -> dict | None:
+    """At worker start: a run left "running" by a dead worker becomes "failed" (status,
+    history and mp2a_adaptation_runs_total{outcome="failed"}); returns that status, else
+    None."""
+    stale = state.stale_status(site)
+    if stale is None:
         return None
-    pid = status.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or _pid_alive(pid):
-        return None
-    return (
-        f"the adaptation worker (pid {pid}) ended during the run (killed or crashed); the "
-        "served version was not changed"
-    )
-
-
-def recover(run: Path) -> dict | None:
-    """At worker start: a run left "running" by a dead worker becomes "failed" (status file
-    and mp2a_adaptation_runs_total{outcome="failed"}); returns that status, else None."""
-    try:
-        status = json.loads(status_path(run).read_text())
-    except (OSError, ValueError):
-        return None
-    reason = stale_reason(status) if isinstance(status, dict) else None
-    if reason is None:
-        return None
-    status = {**status, "state": "failed", "reasons": [reason], "finished_at": _now()}
-    write_status(run, status)
-    record(run, status)
+    reason = stale.pop("stale_reason")
+    status = {**stale, "state": "failed", "reasons": [reason], "finished_at": now()}
+    state.write_status(status, site)
+    record(state, status, site)
     if (m := _metrics()) is not None:
         m.adaptation_runs.labels(outcome="failed").inc()
     log.warning("%s", reason)
@@ -259,28 +184,28 @@ def _prompt_state(art: Artifact) -> tuple[dict | None, str | None]:
 
 
 def run_once(
-    run: Path | str,
-    store_path: Path | str,
+    state: State,
     cfg: WorkerConfig | None = None,
     request: dict | None = None,
+    site: str = DEFAULT_SITE,
 ) -> dict:
-    """One re-adaptation of the served version on the stored traffic; returns the final
-    status (also written to adapt_status.json). Never raises for an adaptation failure."""
-    run, cfg = Path(run), cfg or WorkerConfig()
+    """One re-adaptation of `site`'s served version on its stored traffic; returns the final
+    status (also written to the state). Never raises for an adaptation failure."""
+    cfg = cfg or WorkerConfig()
     t0 = time.time()
-    started = _now()
     base = {
-        "started_at": started,
+        "started_at": now(),
         "request": request,
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        "site": site,
     }
-    write_status(run, {"state": "running", **base})
+    state.write_status({"state": "running", **base}, site)
     m = _metrics()
     try:
-        status = _adapt(run, Path(store_path), cfg, base, t0)
+        status = _adapt(state, cfg, base, t0, site)
     except Exception as e:  # a failed run never touches the served version
-        log.exception("adaptation of %s failed", run)
+        log.exception("adaptation of %s (site %r) failed", state.run, site)
         status = {
             "state": "failed",
             **base,
@@ -288,9 +213,10 @@ def run_once(
             "traceback": traceback.format_exc(limit=5),
             "seconds": round(time.time() - t0, 2),
         }
-    status["finished_at"] = _now()
-    write_status(run, status)
-    record(run, status)
+    status["finished_at"] = now()
+    state.write_status(status, site)
+    if status["state"] != "accepted":  # an accepted run was recorded by its publish
+        record(state, status, site)
     if m is not None:
         m.adaptation_runs.labels(outcome=status["state"]).inc()
         m.adaptation_duration.observe(time.time() - t0)
@@ -400,13 +326,9 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x).all(axis=1)
 
 
-def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float) -> dict:
-    served = versions.load_current(run)
-    dim = served.backbone.embed_dim
-    if not store_path.is_file():
-        raise FileNotFoundError(f"no traffic store at {store_path}")
-    store = TrafficStore(StoreConfig(path=store_path, dim=dim), start=False)
-    traffic = store.read(limit=cfg.max_samples).embeddings
+def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) -> dict:
+    served = state.load_current(site)
+    traffic = state.read_traffic(cfg.max_samples, site)
     n_read = len(traffic)
     ok = finite_rows(traffic)
     dropped = int((~ok).sum())
@@ -477,8 +399,17 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         "target_accuracy": None,  # no labels online
         "seconds": round(time.time() - t0, 2),
     }
-    version = versions.publish(
-        run,
+    status = {
+        "state": "accepted",
+        **base,
+        **figures,
+        "reasons": [],
+        "seconds": round(time.time() - t0, 2),
+        "finished_at": now(),
+    }
+    # the version, its pointer and its decision in one step (a transaction on PostgreSQL);
+    # refused if the served version changed while this run trained
+    status["version"] = state.publish(
         cand.head,
         metrics,
         parent=served.version,
@@ -487,80 +418,81 @@ def _adapt(run: Path, store_path: Path, cfg: WorkerConfig, base: dict, t0: float
         method=method,
         prompt_config=cand.prompt_config,
         rows=cand.rows,
+        record=decision_entry(status),
+        site=site,
     )
-    return {
-        "state": "accepted",
-        **base,
-        **figures,
-        "version": version,
-        "reasons": [],
-        "seconds": round(time.time() - t0, 2),
-    }
-
-
-def _max_id(store_path: Path) -> int:
-    """The newest row id: counts new samples without reading them."""
-    return peek_int(store_path, "SELECT COALESCE(MAX(id), 0) FROM samples")
-
-
-def _rows(store_path: Path) -> int:
-    return peek_int(store_path, "SELECT COUNT(*) FROM samples")
+    return status
 
 
 def loop(
-    run: Path | str,
-    store_path: Path | str,
+    state: State,
     cfg: WorkerConfig | None = None,
     interval: float | None = None,
     min_new: int | None = None,
     poll: float = 1.0,
     max_iterations: int | None = None,
 ) -> list[dict]:
-    """Wait for work and run it: a request file, every `interval` s, or `min_new` new samples
-    since the last run (scheduled runs wait until the store holds cfg.min_samples). Returns
-    the statuses of the runs made (for tests; forever unless max_iterations)."""
-    run, store_path, cfg = Path(run), Path(store_path), cfg or WorkerConfig()
-    recover(run)
+    """Wait for work and run it: a POST /adapt request (any site), every `interval` s, or
+    `min_new` new samples since the last run (scheduled runs are for the server's own line
+    and wait until the store holds cfg.min_samples). Only the one worker that holds the
+    state's lead runs anything; the others wait and take over when it dies. Returns the
+    statuses of the runs made (for tests; forever unless max_iterations)."""
+    cfg = cfg or WorkerConfig()
+    leading = False
     last_run = time.monotonic()
-    last_id = _max_id(store_path)
+    last_id = 0
     done: list[dict] = []
     i = 0
     while max_iterations is None or i < max_iterations:
         if i:
             time.sleep(poll)
         i += 1
-        req = take_request(run)
-        reason = None
-        if req is not None:
-            reason = "request"
-        else:
-            due = interval is not None and time.monotonic() - last_run >= interval
-            newest = _max_id(store_path) if min_new is not None else 0
-            fresh = min_new is not None and newest - last_id >= min_new
-            if (due or fresh) and _rows(store_path) >= cfg.min_samples:
-                reason = "schedule" if due else "new samples"
+        try:
+            if not leading:
+                if not state.try_lead():
+                    continue
+                leading = True
+                log.info("this worker leads (%s)", state.describe())
+                recover(state)
+                last_run, last_id = time.monotonic(), state.traffic_max_id()
+            req = state.take_request()
+            site, reason = DEFAULT_SITE, None
+            if req is not None:
+                reason, site = "request", req.pop("site", DEFAULT_SITE)
+            else:
+                due = interval is not None and time.monotonic() - last_run >= interval
+                newest = state.traffic_max_id() if min_new is not None else 0
+                fresh = min_new is not None and newest - last_id >= min_new
+                if (due or fresh) and state.traffic_count() >= cfg.min_samples:
+                    reason = "schedule" if due else "new samples"
+        except StateError as e:  # the database went away: keep trying, never crash
+            log.warning("state unavailable (%s); retrying", e)
+            leading = False
+            state.release_lead()
+            continue
         if reason is None:
             continue
-        log.info("adaptation run (%s)", reason)
-        last_id = _max_id(store_path)
+        log.info("adaptation run (%s, site %r)", reason, site)
+        if site == DEFAULT_SITE:
+            last_id = state.traffic_max_id()
         request = {"trigger": reason, **(req or {})}
-        try:  # the server checked them; a hand-written request file may not have been
+        try:  # the server checked them; a hand-written request may not have been
             run_cfg = dataclasses.replace(cfg, **request_overrides(request.get("settings")))
         except (ValueError, TypeError) as e:
-            run_cfg = None
             status = {
                 "state": "failed",
                 "request": request,
+                "site": site,
                 "reasons": [f"bad request: {e}"],
                 "seconds": 0.0,
-                "finished_at": _now(),
+                "finished_at": now(),
             }
-            write_status(run, status)
-            record(run, status)
+            state.write_status(status, site)
+            record(state, status, site)
             if (m := _metrics()) is not None:
                 m.adaptation_runs.labels(outcome="failed").inc()
-        if run_cfg is not None:
-            status = run_once(run, store_path, run_cfg, request=request)
+        else:
+            status = run_once(state, run_cfg, request=request, site=site)
         last_run = time.monotonic()
         done.append(status)
     return done
@@ -586,6 +518,10 @@ def lower_priority(kind: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m online.worker", description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="the served artifact folder")
+    p.add_argument(
+        "--state",
+        help="postgresql://user@host:port/db (default: $MP2A_STATE, else files beside RUN)",
+    )
     p.add_argument("--store", type=Path, help="traffic store (default RUN/traffic.sqlite)")
     p.add_argument("--interval", type=float, help="re-adapt every S seconds")
     p.add_argument("--min-new", type=int, help="re-adapt after N new stored samples")
@@ -609,7 +545,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     lower_priority(a.priority)  # training must not take the cores serving latency needs
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    store = a.store or a.run / "traffic.sqlite"
+    env = dict(os.environ)
+    if a.state:
+        env["MP2A_STATE"] = a.state
+    if a.store:
+        env["MP2A_STORE"] = str(a.store)
+    try:
+        state = open_state(a.run, env)
+    except StateError as e:
+        print(f"mp2a worker: {e}", file=sys.stderr)
+        return 2
     cfg = WorkerConfig(
         max_samples=a.max_samples,
         min_samples=a.min_samples,
@@ -622,14 +567,20 @@ def main(argv: list[str] | None = None) -> int:
             min_gain=a.gate_min_gain,
         ),
     )
-    if a.once:
-        recover(a.run)
-        status = run_once(a.run, store, cfg, request={"trigger": "cli"})
-        print(json.dumps({k: status.get(k) for k in ("state", "reasons", "seconds")}))
-        return 0 if status["state"] != "failed" else 1
-    with contextlib.suppress(KeyboardInterrupt):
-        loop(a.run, store, cfg, interval=a.interval, min_new=a.min_new, poll=a.poll)
-    return 0
+    try:
+        if a.once:
+            if not state.try_lead():
+                print("mp2a worker: another worker is running (it holds the lead)", file=sys.stderr)
+                return 2
+            recover(state)
+            status = run_once(state, cfg, request={"trigger": "cli"})
+            print(json.dumps({k: status.get(k) for k in ("state", "reasons", "seconds")}))
+            return 0 if status["state"] != "failed" else 1
+        with contextlib.suppress(KeyboardInterrupt):
+            loop(state, cfg, interval=a.interval, min_new=a.min_new, poll=a.poll)
+        return 0
+    finally:
+        state.close()
 
 
 if __name__ == "__main__":

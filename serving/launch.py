@@ -76,6 +76,29 @@ def bentoml_prometheus_dir() -> str:
     return os.path.join(home, "prometheus_multiproc_dir")
 
 
+def check_state(run: Path) -> None:
+    """MP2A_STATE reachable and fit for `run`, checked before anything starts. A database
+    that cannot be reached is one line (exit 2), unless this machine verified a version of
+    it before: then the server starts on that version and reconnects in the background."""
+    from online.state import StateError, open_state
+
+    try:
+        open_state(run).close()
+    except StateError as e:
+        if os.environ.get("MP2A_STATE", "").strip().startswith(("postgresql://", "postgres://")):
+            offline = open_state(run, connect=False)
+            cached = offline._last_verified("")  # type: ignore[attr-defined]
+            if cached is not None and "cannot reach" in str(e):
+                print(
+                    f"mp2a: warning: {e}; serving the last verified version {cached.version} "
+                    "and reconnecting in the background",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+        raise Mp2aError(str(e)) from None
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -96,6 +119,7 @@ def serve(
         ensure_encoder(run, precision)
     else:
         load_artifact(run)
+    check_state(run)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(
         f"mp2a: serving {run} ({backend}, {precision}) on http://{shown}:{port}\n"

@@ -18,44 +18,41 @@ Configuration (environment, read when the worker starts):
     MP2A_ADMIN_TOKEN    enables the admin endpoints (Authorization: Bearer <token>); unset:
                         they answer 403
     MP2A_KEEP_VERSIONS  version folders kept in RUN/versions (default 5; mp2a/versions.py)
+    MP2A_STATE          where online state lives: unset = files beside RUN (the default);
+                        postgresql://user@host:port/db = one database for a fleet
+                        (online/state.py, online/pg.py)
 
 Endpoints: POST /predict (multipart `image`), POST /predict_batch (multipart `images`, repeated),
 GET /model, GET /livez, GET /readyz, GET /metrics (BentoML's, with the mp2a_* metrics),
 POST /rollback (admin), POST /adapt (admin), GET /adapt/status, GET /adapt/history.
 
-The served head follows RUN/versions/CURRENT (online/swap.py): a publish or rollback by any
-process is picked up by every worker within half a second, without failing a request.
+The served head follows the state's current version (online/swap.py): a publish or rollback
+by any process is picked up by every worker within half a second (at once on PostgreSQL,
+through NOTIFY), without failing a request. Model info and the adaptation routes are in
+serving/routes.py.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import gc
-import hmac
-import json
 import logging
 import os
-import tempfile
-import uuid
 from pathlib import Path
 
 import bentoml
 from pydantic import BaseModel
-from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from mp2a import versions
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError
 from mp2a.metrics import ensure_multiprocess_dir, get_metrics, unseen_by_bentoml
-from online import worker
-from online.store import open_store
+from online.state import DEFAULT_SITE, StateError, open_state
 from online.swap import VersionWatcher
+from serving import routes
 from serving.backends import load_backend
 from serving.decode import DecodeLimits, InputError
 from serving.guard import UploadGuard, UploadRule
+from serving.openapi import OpenAPIDocument
 from serving.predictor import Predictor, Upload
 
 log = logging.getLogger(__name__)
@@ -93,157 +90,6 @@ class BatchResponse(BaseModel):
     model_version: str
 
 
-ADAPT_STATUS = worker.ADAPT_STATUS  # written by the adaptation worker
-ADAPT_REQUEST = worker.ADAPT_REQUEST  # written by POST /adapt, taken by the worker
-ADAPT_BODY_LIMIT = 4096  # POST /adapt's optional JSON settings
-
-
-def _not_loaded() -> Response:
-    return JSONResponse({"error": "the model is not loaded yet; retry shortly"}, status_code=503)
-
-
-def _model_route(_: Request) -> Response:
-    svc = bentoml.get_current_service()
-    if svc is None:
-        return _not_loaded()
-    return JSONResponse(svc.model_info())
-
-
-def _admin_refusal(request: Request) -> Response | None:
-    """None if the request carries the admin token; else the 403/401 answer (DESIGN.md §3)."""
-    token = os.environ.get("MP2A_ADMIN_TOKEN", "")
-    if not token:
-        return JSONResponse(
-            {
-                "error": "admin endpoints are disabled: start the server with "
-                "MP2A_ADMIN_TOKEN=<secret> in its environment and send "
-                "'Authorization: Bearer <secret>'"
-            },
-            status_code=403,
-        )
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # constant-time comparison of bytes (compare_digest refuses non-ASCII str)
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
-        return JSONResponse(
-            {
-                "error": "missing or wrong admin token: send 'Authorization: Bearer <token>' "
-                "with the server's MP2A_ADMIN_TOKEN"
-            },
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return None
-
-
-def _rollback_route(request: Request) -> Response:
-    if (refused := _admin_refusal(request)) is not None:
-        return refused
-    svc = bentoml.get_current_service()
-    if svc is None:
-        return _not_loaded()
-    before = svc.predictor.version
-    try:
-        versions.rollback(svc.run)
-    except ArtifactError as e:
-        return JSONResponse({"error": str(e)}, status_code=409)
-    except OSError as e:
-        return JSONResponse(
-            {"error": f"cannot write {versions.versions_dir(svc.run)}: {e}"}, status_code=500
-        )
-    svc.watcher.check(force=True)  # this worker answers with the new version at once
-    return JSONResponse({"version": svc.predictor.version, "previous": before})
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-async def _adapt_route(request: Request) -> Response:
-    if (refused := _admin_refusal(request)) is not None:
-        return refused
-    svc = bentoml.get_current_service()
-    if svc is None:
-        return _not_loaded()
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > ADAPT_BODY_LIMIT:
-            return JSONResponse(
-                {"error": f"POST /adapt body over {ADAPT_BODY_LIMIT} bytes; send a small JSON"},
-                status_code=413,
-            )
-    try:
-        body = json.loads(raw) if raw.strip() else None
-        settings = worker.request_overrides(body)
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
-        return JSONResponse(
-            {"error": f"POST /adapt body: {e}. Send no body for the default run."},
-            status_code=400,
-        )
-    req = {
-        "id": uuid.uuid4().hex,
-        "requested_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "serving_version": svc.predictor.version,
-        "settings": settings or None,
-    }
-    path = versions.versions_dir(svc.run) / ADAPT_REQUEST
-    try:
-        _atomic_json(path, req)
-    except OSError as e:
-        return JSONResponse({"error": f"cannot write {path}: {e}"}, status_code=500)
-    message = (
-        f"re-adaptation requested ({path}); the adaptation worker picks it up (started by "
-        "`MP2A_ONLINE=1 mp2a serve`, or `python -m online.worker RUN`); follow it with "
-        "GET /adapt/status"
-    )
-    return JSONResponse({"status": "requested", **req, "message": message}, status_code=202)
-
-
-def _adapt_status_route(_: Request) -> Response:
-    svc = bentoml.get_current_service()
-    if svc is None:
-        return _not_loaded()
-    d = versions.versions_dir(svc.run)
-    try:
-        status = json.loads((d / ADAPT_STATUS).read_text())
-    except FileNotFoundError:
-        status = {"state": "idle", "detail": "no adaptation has run"}
-    except (OSError, ValueError) as e:
-        status = {"state": "unknown", "detail": f"{d / ADAPT_STATUS} is unreadable: {e}"}
-    if not isinstance(status, dict):
-        status = {"state": "unknown", "detail": f"{d / ADAPT_STATUS} is not a JSON object"}
-    if (stale := worker.stale_reason(status)) is not None:  # the worker was killed mid-run
-        status = {**status, "state": "failed", "reasons": [stale]}
-    try:
-        status["pending_request"] = json.loads((d / ADAPT_REQUEST).read_text())
-    except (OSError, ValueError):
-        status["pending_request"] = None
-    status["serving_version"] = svc.predictor.version
-    return JSONResponse(status)
-
-
-def _adapt_history_route(request: Request) -> Response:
-    """GET /adapt/history[?limit=N]: recorded adaptation outcomes, newest first."""
-    svc = bentoml.get_current_service()
-    if svc is None:
-        return _not_loaded()
-    raw = request.query_params.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= versions.MAX_DECISIONS:
-        return JSONResponse(
-            {"error": f"limit must be an integer in 1..{versions.MAX_DECISIONS}, got {raw!r}"},
-            status_code=400,
-        )
-    return JSONResponse({"decisions": versions.decisions(svc.run, int(raw))})
-
-
 @bentoml.service(
     name="mp2a",
     workers=1,  # one model copy; ONNX Runtime's intra-op threads use every core
@@ -262,14 +108,21 @@ class Mp2aService:
             )
         self.run = run
         base = load_artifact(run)  # the encoder belongs to the base artifact (version 1)
-        art = versions.load_current(run)  # the head: the version CURRENT names, verified
+        try:
+            self.state = open_state(run)  # MP2A_STATE: files beside RUN, or PostgreSQL
+        except StateError as e:  # the database is down: its last verified version, if any
+            if "cannot reach" not in str(e):
+                raise
+            log.warning("%s; starting on the last verified version", e)
+            self.state = open_state(run, connect=False)
+        art = self.state.load_current(DEFAULT_SITE)  # the served head, verified
         backend = load_backend(
             os.environ.get("MP2A_BACKEND", "ort"),
             base,
             precision=os.environ.get("MP2A_PRECISION", "fp32"),
         )
         metrics = get_metrics()
-        self.store = open_store(run, base.backbone.embed_dim, metrics)
+        self.store = self.state.open_store(base.backbone.embed_dim, metrics)
         self.predictor = Predictor(
             art,
             backend,
@@ -281,7 +134,7 @@ class Mp2aService:
             store=self.store,
         )
         self.predictor.warmup()
-        self.watcher = VersionWatcher(run, self.predictor).start()
+        self.watcher = VersionWatcher(self.state, self.predictor, metrics=metrics).start()
         # Everything loaded so far (BentoML, pydantic, ONNX Runtime, numpy: over 10^5 objects)
         # lives as long as the process. Freezing it keeps the cyclic garbage collector's full
         # passes from walking it: unfrozen, a full pass held the GIL for ~150 ms on 2 cores and
@@ -300,8 +153,14 @@ class Mp2aService:
     def model_info(self) -> dict:
         """GET /model: the serving version and its kept ancestors."""
         art = self.predictor.art
-        previous = [str(v) for v in versions.ancestors(self.run, art)]
-        return self.predictor.model_info(previous_versions=previous)
+        try:
+            previous = [str(v) for v in self.state.ancestors(art, DEFAULT_SITE)]
+        except Exception as e:  # the state is down: the model still answers
+            log.warning("cannot list the ancestors of version %s: %s", art.version, e)
+            previous = []
+        info = self.predictor.model_info(previous_versions=previous)
+        info["state"] = {**self.state.describe(), "connected": self.watcher.healthy}
+        return info
 
     def __metrics__(self, content: str) -> str:
         return content + unseen_by_bentoml()
@@ -318,6 +177,7 @@ class Mp2aService:
         self.predictor.close()
         if self.store is not None:
             self.store.close()  # writes what is still queued
+        self.state.close()
 
     def _answer(self, uploads: list[Upload], batch: bool) -> Response:
         try:
@@ -347,14 +207,7 @@ Mp2aService.add_asgi_middleware(
         "/predict_batch": UploadRule("images", MAX_BATCH_IMAGES, 4 * MAX_UPLOAD),
     },
 )
-Mp2aService.mount_asgi_app(
-    Starlette(
-        routes=[
-            Route("/model", _model_route, methods=["GET"]),
-            Route("/rollback", _rollback_route, methods=["POST"]),
-            Route("/adapt", _adapt_route, methods=["POST"]),
-            Route("/adapt/status", _adapt_status_route, methods=["GET"]),
-            Route("/adapt/history", _adapt_history_route, methods=["GET"]),
-        ]
-    )
+Mp2aService.add_asgi_middleware(
+    OpenAPIDocument, service=Mp2aService, max_batch_images=MAX_BATCH_IMAGES
 )
+Mp2aService.mount_asgi_app(routes.app)

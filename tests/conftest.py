@@ -99,3 +99,23 @@ def transductive_run(tmp_path_factory: pytest.TempPathFactory, digits_small: Pat
     assert main([*args, "--out", str(out), "--no-cache", "--quiet"]) == 0
     export(out, "onnx", cache_dir=base / "street-onnx-cache")
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL 15 (Debian's package) in a temp folder on a free loopback port."""
+    from benchmarks.pgserver import INSTALL_HINT, PgServer, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip(f"needs the PostgreSQL server ({INSTALL_HINT}); .ci/run installs it")
+    server = PgServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_server) -> str:
+    """A fresh database of the session's server, for one test."""
+    import uuid
+
+    return pg_server.create_db(f"t_{uuid.uuid4().hex[:12]}")

@@ -20,6 +20,7 @@ from mp2a import versions
 from mp2a.preprocess import load_image, preprocess_batch
 from mp2a.runtime import OrtEncoder
 from online import worker
+from online.state import TAKEN_PREFIX, FileState, stale_reason
 from online.store import StoreConfig, TrafficStore
 
 CFG = worker.WorkerConfig(min_samples=20, stages=2, steps_per_stage=15)
@@ -74,12 +75,12 @@ def fill_store(run: Path, emb: np.ndarray, damaged: np.ndarray | None = None) ->
 
 
 def read_status(run: Path) -> dict:
-    return json.loads(worker.status_path(run).read_text())
+    return json.loads((versions.versions_dir(run) / "adapt_status.json").read_text())
 
 
 def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
     store = fill_store(run, street_embeddings)
-    status = worker.run_once(run, store, CFG)
+    status = worker.run_once(FileState(run, store), CFG)
     assert read_status(run)["state"] == status["state"]
     assert status["state"] in ("accepted", "rejected"), status
     g = status["gate"]
@@ -107,7 +108,7 @@ def test_run_once_adapts_gates_and_publishes_or_rejects(run, street_embeddings):
         assert art.head.weight.shape[0] == 4 and art.prompt_head().num_rows == 3
         assert versions.history(run)[0]["decision"] == art.manifest["decision"]
         # a second run starts from the published prompts
-        again = worker.run_once(run, store, CFG)
+        again = worker.run_once(FileState(run, store), CFG)
         assert again["state"] in ("accepted", "rejected"), again
         assert again["start"] == "serving prompts" and again["serving_version"] == 2
     else:
@@ -148,7 +149,9 @@ def test_a_genuine_shift_is_adapted_to_accepted_and_really_better(tmp_path, shif
     run = tmp_path / "run"
     shutil.copytree(base, run)
     store = fill_store(run, emb)
-    status = worker.run_once(run, store, worker.WorkerConfig(min_samples=20))  # the defaults
+    status = worker.run_once(
+        FileState(run, store), worker.WorkerConfig(min_samples=20)
+    )  # the defaults
     print("\ngate:", {k: v for k, v in status["gate"].items() if k != "config"})
     assert status["state"] == "accepted", status["reasons"]
     g = status["gate"]
@@ -166,12 +169,12 @@ def test_a_genuine_shift_is_adapted_to_accepted_and_really_better(tmp_path, shif
 def test_a_failing_run_reports_failed_and_keeps_the_served_version(run):
     dim = versions.load_current(run).backbone.embed_dim
     empty = TrafficStore(StoreConfig(path=run / "empty.sqlite", dim=dim), start=False)
-    status = worker.run_once(run, empty.path, CFG)
+    status = worker.run_once(FileState(run, empty.path), CFG)
     assert status["state"] == "failed"
     assert "0 usable stored traffic samples" in status["reasons"][0]
     assert read_status(run)["state"] == "failed"
     assert versions.current(run) == 1 and not (versions.versions_dir(run) / "2").exists()
-    missing = worker.run_once(run, run / "nope.sqlite", CFG)
+    missing = worker.run_once(FileState(run, run / "nope.sqlite"), CFG)
     assert missing["state"] == "failed" and "no traffic store" in missing["reasons"][0]
     assert [d["state"] for d in versions.decisions(run)] == ["failed", "failed"]
 
@@ -184,12 +187,12 @@ def test_nan_embeddings_are_dropped_and_too_few_samples_fail_clearly(run, street
     bad[3:, 5] = np.inf
     store = fill_store(run, street_embeddings[:4], damaged=bad)
     cfg = worker.WorkerConfig(min_samples=1, stages=1, steps_per_stage=2)
-    status = worker.run_once(run, store, cfg)
+    status = worker.run_once(FileState(run, store), cfg)
     assert status["state"] == "failed"
     assert "4 usable stored traffic samples (6 dropped as NaN/inf)" in status["reasons"][0]
     assert "one per class" in status["reasons"][0] and versions.current(run) == 1
     store = fill_store(run, street_embeddings, damaged=bad)
-    status = worker.run_once(run, store, CFG)
+    status = worker.run_once(FileState(run, store), CFG)
     assert status["state"] in ("accepted", "rejected"), status
     assert status["n_traffic_dropped"] == 6 and status["n_traffic"] == len(street_embeddings) + 6
     assert status["n_traffic_used"] == len(street_embeddings)
@@ -198,18 +201,18 @@ def test_nan_embeddings_are_dropped_and_too_few_samples_fail_clearly(run, street
 def test_the_loop_consumes_a_request_in_one_iteration(run, street_embeddings):
     store = fill_store(run, street_embeddings[:25])
     req = {"id": "abc", "requested_at": "now", "serving_version": "1"}
-    worker.request_path(run).parent.mkdir(exist_ok=True)
-    worker.request_path(run).write_text(json.dumps(req))
+    (versions.versions_dir(run) / "adapt_request.json").parent.mkdir(exist_ok=True)
+    (versions.versions_dir(run) / "adapt_request.json").write_text(json.dumps(req))
     cfg = worker.WorkerConfig(min_samples=20, stages=1, steps_per_stage=5)
-    done = worker.loop(run, store, cfg, max_iterations=1)
+    done = worker.loop(FileState(run, store), cfg, max_iterations=1)
     assert len(done) == 1 and done[0]["state"] in ("accepted", "rejected")
     assert done[0]["request"]["id"] == "abc" and done[0]["request"]["trigger"] == "request"
-    assert not worker.request_path(run).exists()
-    assert not list(versions.versions_dir(run).glob(worker.TAKEN_PREFIX + "*"))
+    assert not (versions.versions_dir(run) / "adapt_request.json").exists()
+    assert not list(versions.versions_dir(run).glob(TAKEN_PREFIX + "*"))
     # no request, no schedule: nothing runs
-    assert worker.loop(run, store, cfg, max_iterations=1) == []
+    assert worker.loop(FileState(run, store), cfg, max_iterations=1) == []
     # enough new samples since the loop started: a scheduled run
-    assert worker.loop(run, store, cfg, min_new=1000, max_iterations=1) == []
+    assert worker.loop(FileState(run, store), cfg, min_new=1000, max_iterations=1) == []
 
 
 def test_the_cli_counts_its_outcome_in_the_shared_prometheus_directory(run, tmp_path):
@@ -245,18 +248,24 @@ def test_launch_builds_the_worker_command_from_the_environment(tmp_path):
 
 def test_request_settings_size_the_run_and_bad_ones_fail_it(run, street_embeddings):
     store = fill_store(run, street_embeddings[:25])
-    worker.request_path(run).parent.mkdir(exist_ok=True)
+    (versions.versions_dir(run) / "adapt_request.json").parent.mkdir(exist_ok=True)
     cfg = worker.WorkerConfig(min_samples=20, stages=3, steps_per_stage=5)
-    worker.request_path(run).write_text(json.dumps({"settings": {"stages": 1, "method": "mp2a"}}))
-    (done,) = worker.loop(run, store, cfg, max_iterations=1)
+    (versions.versions_dir(run) / "adapt_request.json").write_text(
+        json.dumps({"settings": {"stages": 1, "method": "mp2a"}})
+    )
+    (done,) = worker.loop(FileState(run, store), cfg, max_iterations=1)
     assert done["state"] in ("accepted", "rejected") and len(done["per_stage"]) == 1
     assert done["method"] == "mp2a" and done["head_fit"] is None  # the paper's: no prototype
     # a hand-written request file is checked by the worker too
-    worker.request_path(run).write_text(json.dumps({"settings": {"stages": "many"}}))
-    (bad,) = worker.loop(run, store, cfg, max_iterations=1)
+    (versions.versions_dir(run) / "adapt_request.json").write_text(
+        json.dumps({"settings": {"stages": "many"}})
+    )
+    (bad,) = worker.loop(FileState(run, store), cfg, max_iterations=1)
     assert bad["state"] == "failed" and "stages must be an integer" in bad["reasons"][0]
-    worker.request_path(run).write_text(json.dumps({"settings": {"method": "magic"}}))
-    (bad,) = worker.loop(run, store, cfg, max_iterations=1)
+    (versions.versions_dir(run) / "adapt_request.json").write_text(
+        json.dumps({"settings": {"method": "magic"}})
+    )
+    (bad,) = worker.loop(FileState(run, store), cfg, max_iterations=1)
     assert bad["state"] == "failed" and "method must be one of mp2a-t, mp2a" in bad["reasons"][0]
     assert read_status(run)["state"] == "failed"
 
@@ -269,7 +278,10 @@ def test_a_run_killed_mid_way_is_marked_failed_by_the_next_worker(run, street_em
     proc = subprocess.Popen([*cmd, "--once", "--min-samples", "20", "--steps", "100000"])
     try:
         deadline = time.time() + 60
-        while not (worker.status_path(run).exists() and read_status(run)["state"] == "running"):
+        while not (
+            (versions.versions_dir(run) / "adapt_status.json").exists()
+            and read_status(run)["state"] == "running"
+        ):
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.05)
         time.sleep(0.5)  # inside the training steps
@@ -277,12 +289,14 @@ def test_a_run_killed_mid_way_is_marked_failed_by_the_next_worker(run, street_em
         proc.kill()
         proc.wait()
     assert read_status(run)["state"] == "running" and read_status(run)["pid"] == proc.pid
-    assert worker.stale_reason(read_status(run)) is not None
-    assert worker.loop(run, store, CFG, max_iterations=1) == []  # recovers; nothing to run
+    assert stale_reason(read_status(run)) is not None
+    assert (
+        worker.loop(FileState(run, store), CFG, max_iterations=1) == []
+    )  # recovers; nothing to run
     status = read_status(run)
     assert status["state"] == "failed" and f"pid {proc.pid}" in status["reasons"][0]
     assert versions.current(run) == 1 and not (versions.versions_dir(run) / "2").exists()
-    assert worker.recover(run) is None  # once only
+    assert worker.recover(FileState(run, store)) is None  # once only
     (logged,) = versions.decisions(run)
     assert logged["state"] == "failed" and logged["pid"] == proc.pid
 

@@ -1,0 +1,958 @@
+"""PostgreSQL state for a fleet: MP2A_STATE=postgresql://user@host:port/db (online/state.py).
+
+Every replica and worker of a deployment points at one database. It holds:
+
+    traffic            served samples per site (embedding, time, served version, predicted
+                       label, confidence); written in batches with COPY by each replica's
+                       store thread, capped by rows and age per site
+    traffic_images     raw images, only with MP2A_STORE_IMAGES=1 (own cap)
+    versions           per site and version: head and prompt bytes (safetensors) with their
+                       sha256, the manifest and metrics.json text, parent, method, decision,
+                       rolled_back
+    current_version    per site: the served version (no row: the base artifact, version 1)
+    decisions          every adaptation outcome, per site
+    adapt_requests     POST /adapt requests, taken by the worker (FOR UPDATE SKIP LOCKED)
+    adapt_status       per site: the last run's status
+    mp2a_meta          which base artifact this database belongs to (a database of another
+                       artifact is refused: its heads do not fit this encoder)
+    mp2a_schema        applied migrations
+
+Consistency: a publish (version row, current pointer, its decision) and a rollback are one
+transaction each, announced with NOTIFY mp2a_versions; every replica LISTENs and swaps on the
+notification (and polls slowly in case one is missed). A publish names the version it was
+trained on and is refused if the fleet serves another one by then, so two runs never publish
+on top of each other. Exactly one worker runs: it holds a session advisory lock on its own
+connection; when its process dies the connection closes, the lock goes with it, and the next
+worker to try takes over. Migrations run at start under a transaction advisory lock, so
+replicas starting together apply each exactly once.
+
+Versions reach the predictor as ordinary artifacts: the rows are written to a local cache
+folder (MP2A_STATE_CACHE, default ~/.cache/mp2a/state/<database>) with the base artifact's
+source features linked in, then loaded and verified like any artifact; a row whose bytes do
+not match their sha256 is refused and the previous verified version stays. With the database
+unreachable at start, a replica serves the last version it verified (the cache remembers
+it) and reconnects in the background.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from safetensors.numpy import save as save_tensors_bytes
+
+from mp2a.artifact import (
+    FORMAT_VERSION,
+    HEAD_FILE,
+    MANIFEST,
+    METRICS_FILE,
+    PROMPTS_FILE,
+    SOURCE_FEATURES_FILE,
+    Artifact,
+    head_rows,
+    load_artifact,
+)
+from mp2a.errors import ArtifactError
+from mp2a.head import Head
+from mp2a.metrics import ServingMetrics
+from mp2a.versions import BASE_VERSION, keep_versions
+from online.state import DEFAULT_SITE, MAX_DECISIONS, StateError, now
+from online.store import StoreConfig, Traffic, TrafficStore, _Sample
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "mp2a_versions"
+MIGRATE_KEY = 0x6D703261_0001  # advisory lock keys (bigint)
+LEADER_KEY = 0x6D703261_0002
+CONNECT_TIMEOUT_S = 5
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE mp2a_meta (key text PRIMARY KEY, value text NOT NULL);
+        CREATE TABLE traffic (
+            id bigserial PRIMARY KEY,
+            site text NOT NULL DEFAULT '',
+            t double precision NOT NULL,
+            version text NOT NULL,
+            label integer NOT NULL,
+            confidence real NOT NULL,
+            embedding bytea NOT NULL
+        );
+        CREATE INDEX traffic_site_id ON traffic (site, id);
+        CREATE INDEX traffic_site_t ON traffic (site, t);
+        CREATE TABLE traffic_images (
+            sample_id bigint PRIMARY KEY REFERENCES traffic (id) ON DELETE CASCADE,
+            site text NOT NULL DEFAULT '',
+            data bytea NOT NULL
+        );
+        CREATE TABLE versions (
+            site text NOT NULL,
+            version integer NOT NULL,
+            parent integer,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            method text,
+            head bytea NOT NULL,
+            head_sha256 text NOT NULL,
+            prompts bytea,
+            prompts_sha256 text,
+            metrics text NOT NULL,
+            manifest text NOT NULL,
+            rolled_back jsonb,
+            PRIMARY KEY (site, version)
+        );
+        CREATE TABLE current_version (
+            site text PRIMARY KEY,
+            version integer NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE decisions (
+            id bigserial PRIMARY KEY,
+            site text NOT NULL,
+            recorded_at timestamptz NOT NULL DEFAULT now(),
+            entry jsonb NOT NULL
+        );
+        CREATE INDEX decisions_site_id ON decisions (site, id);
+        CREATE TABLE adapt_requests (
+            id text PRIMARY KEY,
+            site text NOT NULL,
+            requested_at timestamptz NOT NULL DEFAULT now(),
+            body jsonb NOT NULL,
+            taken_at timestamptz,
+            taken_by text
+        );
+        CREATE INDEX adapt_requests_pending ON adapt_requests (requested_at) WHERE taken_at IS NULL;
+        CREATE TABLE adapt_status (
+            site text PRIMARY KEY,
+            status jsonb NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+]
+LATEST_SCHEMA = MIGRATIONS[-1][0]
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError as e:  # pragma: no cover - the [serve] extra has it
+        raise StateError(
+            "MP2A_STATE=postgresql://… needs psycopg: pip install 'mp2a[serve]'"
+        ) from e
+    return psycopg
+
+
+def redact(dsn: str) -> str:
+    """host:port/db of a DSN, without user or password (for messages and /model)."""
+    u = urlsplit(dsn)
+    return f"{u.hostname or 'localhost'}:{u.port or 5432}{u.path or '/'}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json_text(obj: Any) -> str:
+    """The exact bytes mp2a/artifact.py's write_json writes (sha256 of metrics.json)."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def migrate(conn: Any) -> list[int]:
+    """Apply the missing migrations under a transaction advisory lock (safe when several
+    replicas start at once); returns the versions applied now."""
+    applied_now = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS mp2a_schema "
+            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM mp2a_schema")}
+        newer = [v for v in done if v > LATEST_SCHEMA]
+        if newer:
+            raise StateError(
+                f"the database schema is at version {max(newer)}, newer than this mp2a's "
+                f"{LATEST_SCHEMA}: upgrade mp2a on this replica"
+            )
+        for version, sql in MIGRATIONS:
+            if version not in done:
+                conn.execute(sql)
+                conn.execute("INSERT INTO mp2a_schema (version) VALUES (%s)", (version,))
+                applied_now.append(version)
+    return applied_now
+
+
+class PgState:
+    """State in one PostgreSQL database (see the module docstring)."""
+
+    kind = "postgresql"
+
+    def __init__(
+        self,
+        run: Path | str,
+        dsn: str,
+        *,
+        cache_dir: Path | None = None,
+        store_env: Mapping[str, str] | None = None,
+        connect: bool = True,
+    ) -> None:
+        self.run = Path(run)
+        self.dsn = dsn
+        self.where = redact(dsn)
+        self.base = load_artifact(self.run)
+        self.identity = self._identity(self.base)
+        self.store_env = dict(os.environ if store_env is None else store_env)
+        default_cache = Path.home() / ".cache" / "mp2a" / "state"
+        key = sha256_bytes(f"{self.where}|{self.identity}".encode())[:16]
+        self.cache = Path(cache_dir) if cache_dir else default_cache / key
+        self._arts: dict[tuple[str, int], Artifact] = {}
+        self._lock = threading.Lock()  # the shared connection is used by one thread at a time
+        self._conn: Any = None
+        self._listen: Any = None
+        self._lead: Any = None
+        self._lead_pid: int | None = None
+        self.offline = False  # True when started on the cached version, database down
+        if connect:
+            self._connect_and_migrate()
+
+    @classmethod
+    def from_env(
+        cls, run: Path, dsn: str, environ: Mapping[str, str], connect: bool = True
+    ) -> PgState:
+        cache = environ.get("MP2A_STATE_CACHE", "").strip()
+        return cls(
+            run, dsn, cache_dir=Path(cache) if cache else None, store_env=environ, connect=connect
+        )
+
+    @staticmethod
+    def _identity(base: Artifact) -> str:
+        """What ties a database to one base artifact: its backbone weights and head."""
+        return f"{base.backbone.weights_sha256}:{base.manifest['files'][HEAD_FILE]}"
+
+    def describe(self) -> dict:
+        return {"backend": self.kind, "database": self.where, "schema": LATEST_SCHEMA}
+
+    # -- connections -----------------------------------------------------------------------
+    def _new_conn(self, autocommit: bool = True) -> Any:
+        psycopg = _psycopg()
+        try:
+            return psycopg.connect(
+                self.dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S
+            )
+        except psycopg.Error as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StateError(
+                f"cannot reach PostgreSQL at {self.where} ({first}); check MP2A_STATE and "
+                "that the database is up"
+            ) from e
+
+    def _connect_and_migrate(self) -> None:
+        conn = self._new_conn()
+        try:
+            applied = migrate(conn)
+            if applied:
+                log.info("migrated %s to schema %s", self.where, applied)
+            conn.execute(
+                "INSERT INTO mp2a_meta (key, value) VALUES ('base', %s) ON CONFLICT DO NOTHING",
+                (self.identity,),
+            )
+            (owner,) = conn.execute("SELECT value FROM mp2a_meta WHERE key = 'base'").fetchone()
+        except StateError:
+            conn.close()
+            raise
+        except Exception as e:
+            conn.close()
+            raise StateError(f"cannot set up the mp2a schema in {self.where}: {e}") from e
+        if owner != self.identity:
+            conn.close()
+            raise StateError(
+                f"the database {self.where} holds the state of another artifact (backbone and "
+                f"head {owner[:24]}…, not {self.identity[:24]}…); give this artifact its own "
+                "database"
+            )
+        self._conn = conn
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[Any]:
+        """The shared connection (reconnected when it broke), one thread at a time."""
+        psycopg = _psycopg()
+        with self._lock:
+            if self._conn is None or self._conn.closed:
+                self._connect_and_migrate()
+            try:
+                yield self._conn
+            except psycopg.OperationalError as e:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+                raise StateError(f"lost PostgreSQL at {self.where}: {e}") from e
+            except psycopg.Error as e:
+                raise StateError(f"PostgreSQL at {self.where}: {e}") from e
+
+    def close(self) -> None:
+        self.release_lead()
+        for c in (self._conn, self._listen):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    c.close()
+        self._conn = self._listen = None
+
+    # -- versions --------------------------------------------------------------------------
+    def _site_dir(self, site: str) -> Path:
+        return self.cache / (f"site-{site}" if site else "fleet")
+
+    def _remember(self, site: str, version: int) -> None:
+        """The last version this replica verified, for a start with the database down."""
+        d = self._site_dir(site)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".last-{os.getpid()}"
+        tmp.write_text(json.dumps({"version": version}))
+        os.replace(tmp, d / "LAST")
+
+    def _last_verified(self, site: str) -> Artifact | None:
+        try:
+            v = int(json.loads((self._site_dir(site) / "LAST").read_text())["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if v == BASE_VERSION:
+            return self.base
+        try:
+            return load_artifact(self._site_dir(site) / str(v))
+        except ArtifactError as e:
+            log.warning("cached version %s is damaged (%s)", v, e)
+            return None
+
+    def _served(self, conn: Any, site: str) -> int:
+        row = conn.execute(
+            "SELECT version FROM current_version WHERE site = %s", (site,)
+        ).fetchone()
+        return BASE_VERSION if row is None else int(row[0])
+
+    def _materialize(self, conn: Any, site: str, version: int) -> Artifact:
+        """Version `version` of `site` as a verified artifact folder in the cache."""
+        if version == BASE_VERSION:
+            return self.base
+        if (site, version) in self._arts:
+            return self._arts[(site, version)]
+        folder = self._site_dir(site) / str(version)
+        if folder.is_dir():
+            try:
+                art = load_artifact(folder)
+                self._arts[(site, version)] = art
+                return art
+            except ArtifactError:
+                shutil.rmtree(folder, ignore_errors=True)
+        row = conn.execute(
+            "SELECT head, head_sha256, prompts, prompts_sha256, metrics, manifest "
+            "FROM versions WHERE site = %s AND version = %s",
+            (site, version),
+        ).fetchone()
+        if row is None:
+            raise ArtifactError(f"version {version} of site {site!r} is not in {self.where}")
+        head, head_sha, prompts, prompts_sha, metrics, manifest = row
+        if sha256_bytes(bytes(head)) != head_sha:
+            raise ArtifactError(
+                f"version {version} of site {site!r}: its head bytes fail their sha256 in "
+                f"{self.where}; the row is damaged, not served"
+            )
+        if prompts is not None and sha256_bytes(bytes(prompts)) != prompts_sha:
+            raise ArtifactError(
+                f"version {version} of site {site!r}: its prompt bytes fail their sha256"
+            )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=folder.parent))
+        try:
+            (tmp / HEAD_FILE).write_bytes(bytes(head))
+            if prompts is not None:
+                (tmp / PROMPTS_FILE).write_bytes(bytes(prompts))
+            (tmp / METRICS_FILE).write_text(metrics)
+            src = self.run / SOURCE_FEATURES_FILE
+            try:
+                os.link(src, tmp / SOURCE_FEATURES_FILE)
+            except OSError:
+                shutil.copyfile(src, tmp / SOURCE_FEATURES_FILE)
+            (tmp / MANIFEST).write_text(manifest)
+            art = load_artifact(tmp)  # every checksum, the manifest's own included
+            if art.version != version:
+                raise ArtifactError(f"row {version} of site {site!r} says version {art.version}")
+            with contextlib.suppress(FileExistsError, OSError):
+                os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        art = load_artifact(folder)
+        self._arts[(site, version)] = art
+        return art
+
+    def load_current(self, site: str = DEFAULT_SITE) -> Artifact:
+        try:
+            with self._db() as conn:
+                pointed = self._served(conn, site)
+                try:
+                    art = self._materialize(conn, site, pointed)
+                except ArtifactError as e:
+                    log.warning(
+                        "current version %s of %r fails (%s); falling back", pointed, site, e
+                    )
+                    art = self._fallback(conn, site, pointed)
+        except StateError:
+            cached = self._last_verified(site)
+            if cached is None:
+                raise
+            log.warning(
+                "PostgreSQL at %s is unreachable: serving the last verified version %s",
+                self.where,
+                cached.version,
+            )
+            self.offline = True
+            return cached
+        self.offline = False
+        self._remember(site, art.version)
+        return art
+
+    def _fallback(self, conn: Any, site: str, skip: int) -> Artifact:
+        rows = conn.execute(
+            "SELECT version FROM versions WHERE site = %s AND version <> %s "
+            "AND rolled_back IS NULL ORDER BY version DESC",
+            (site, skip),
+        ).fetchall()
+        for (v,) in rows:
+            try:
+                return self._materialize(conn, site, int(v))
+            except ArtifactError as e:
+                log.warning("version %s of %r fails (%s); skipping it", v, site, e)
+        return self.base
+
+    def change_token(self, site: str = DEFAULT_SITE) -> Any:
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT version, updated_at FROM current_version WHERE site = %s", (site,)
+            ).fetchone()
+        return None if row is None else (int(row[0]), row[1].isoformat())
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until a NOTIFY on mp2a_versions or `timeout` s (a dedicated connection)."""
+        psycopg = _psycopg()
+        if self._listen is None or self._listen.closed:
+            self._listen = self._new_conn()
+            self._listen.execute(f"LISTEN {CHANNEL}")
+        try:
+            for _ in self._listen.notifies(timeout=timeout, stop_after=1):
+                pass
+        except psycopg.Error as e:
+            with contextlib.suppress(Exception):
+                self._listen.close()
+            self._listen = None
+            raise StateError(f"lost the LISTEN connection to {self.where}: {e}") from e
+
+    def publish(
+        self,
+        head: Head,
+        metrics: dict,
+        *,
+        parent: int,
+        prompts: dict[str, np.ndarray] | None,
+        decision: dict | None,
+        method: str,
+        prompt_config: dict | None,
+        rows: list[dict] | None,
+        record: dict | None = None,
+        site: str = DEFAULT_SITE,
+    ) -> int:
+        base = self.base
+        if head.num_classes != len(base.classes) or head.dim != base.backbone.embed_dim:
+            raise ArtifactError(
+                f"head shape (C={head.num_classes}, D={head.dim}) does not fit {self.run}: it "
+                f"has {len(base.classes)} classes and embed_dim {base.backbone.embed_dim}"
+            )
+        head_bytes = save_tensors_bytes(head.tensors())
+        prompt_bytes = (
+            None
+            if prompts is None
+            else save_tensors_bytes({k: np.ascontiguousarray(v) for k, v in prompts.items()})
+        )
+        metrics_text = _json_text(metrics)
+        files = {
+            HEAD_FILE: sha256_bytes(head_bytes),
+            METRICS_FILE: sha256_bytes(metrics_text.encode()),
+            SOURCE_FEATURES_FILE: base.manifest["files"][SOURCE_FEATURES_FILE],
+        }
+        if prompt_bytes is not None:
+            files[PROMPTS_FILE] = sha256_bytes(prompt_bytes)
+        with self._db() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO current_version (site, version) VALUES (%s, %s) "
+                "ON CONFLICT (site) DO NOTHING",
+                (site, BASE_VERSION),
+            )
+            (served,) = conn.execute(
+                "SELECT version FROM current_version WHERE site = %s FOR UPDATE", (site,)
+            ).fetchone()
+            if int(served) != parent:
+                raise StateError(
+                    f"site {site!r} serves version {served}, not {parent} as when the run "
+                    "started (another publish or a rollback happened): nothing published"
+                )
+            (top,) = conn.execute(
+                "SELECT COALESCE(MAX(version), %s) FROM versions WHERE site = %s",
+                (BASE_VERSION, site),
+            ).fetchone()
+            version = int(top) + 1
+            manifest = {
+                **base.manifest,
+                "format_version": FORMAT_VERSION,
+                "version": version,
+                "parent_version": parent,
+                "created_at": now(),
+                "method": method,
+                "decision": decision,
+                "prompt": None if prompts is None else prompt_config,
+                "head_rows": head_rows(head, rows),
+                "site": site,
+                "files": files,
+            }
+            conn.execute(
+                "INSERT INTO versions (site, version, parent, method, head, head_sha256, "
+                "prompts, prompts_sha256, metrics, manifest) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    site, version, parent, method, head_bytes, files[HEAD_FILE], prompt_bytes,
+                    files.get(PROMPTS_FILE), metrics_text, _json_text(manifest),
+                ),
+            )  # fmt: skip
+            self._point(conn, site, version)
+            if record is not None:
+                self._insert_decision(conn, {**record, "version": version}, site)
+            self._prune(conn, site, version)
+        log.info(
+            "published version %s of site %r in %s (parent %s)", version, site, self.where, parent
+        )
+        return version
+
+    def _point(self, conn: Any, site: str, version: int) -> None:
+        conn.execute(
+            "UPDATE current_version SET version = %s, updated_at = clock_timestamp() "
+            "WHERE site = %s",
+            (version, site),
+        )
+        payload = json.dumps({"site": site, "version": version})
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+    def _prune(self, conn: Any, site: str, served: int) -> None:
+        """Keep the newest MP2A_KEEP_VERSIONS versions of the site, the served one always."""
+        keep = keep_versions()
+        conn.execute(
+            "DELETE FROM versions WHERE site = %s AND version <> %s AND version <= "
+            "(SELECT version FROM versions WHERE site = %s ORDER BY version DESC "
+            "LIMIT 1 OFFSET %s)",
+            (site, served, site, keep),
+        )
+
+    def rollback(self, site: str = DEFAULT_SITE) -> int:
+        with self._db() as conn, conn.transaction():
+            row = conn.execute(
+                "SELECT version FROM current_version WHERE site = %s FOR UPDATE", (site,)
+            ).fetchone()
+            served = BASE_VERSION if row is None else int(row[0])
+            if served == BASE_VERSION:
+                raise ArtifactError(
+                    f"site {site!r} serves version 1, the original artifact: nothing to roll back"
+                )
+            (parent,) = conn.execute(
+                "SELECT parent FROM versions WHERE site = %s AND version = %s", (site, served)
+            ).fetchone() or (None,)
+            older = [
+                int(v)
+                for (v,) in conn.execute(
+                    "SELECT version FROM versions WHERE site = %s AND version < %s "
+                    "AND rolled_back IS NULL ORDER BY version DESC",
+                    (site, served),
+                )
+            ]
+            candidates = [int(parent)] if parent is not None else []
+            candidates += [v for v in [*older, BASE_VERSION] if v not in candidates]
+            for v in candidates:
+                try:
+                    self._materialize(conn, site, v)
+                except ArtifactError as e:
+                    log.warning("cannot roll back to version %s (%s)", v, e)
+                    continue
+                conn.execute(
+                    "UPDATE versions SET rolled_back = %s WHERE site = %s AND version = %s",
+                    (json.dumps({"at": now(), "to": v}), site, served),
+                )
+                self._point(conn, site, v)
+                log.info("rolled site %r back from version %s to %s", site, served, v)
+                return v
+        raise ArtifactError(f"site {site!r}: no complete version to roll back to")
+
+    def history(self, site: str = DEFAULT_SITE) -> list[dict]:
+        with self._db() as conn:
+            served = self._served(conn, site)
+            rows = conn.execute(
+                "SELECT version, parent, created_at, method, metrics, manifest, rolled_back "
+                "FROM versions WHERE site = %s ORDER BY version DESC",
+                (site,),
+            ).fetchall()
+        out = []
+        for version, parent, created, method, metrics, manifest, rolled in rows:
+            m = json.loads(manifest)
+            out.append(
+                {
+                    "version": int(version),
+                    "served": int(version) == served,
+                    "complete": True,
+                    "parent": parent,
+                    "created_at": created.isoformat(timespec="seconds"),
+                    "method": method,
+                    "metrics": json.loads(metrics),
+                    "decision": m.get("decision"),
+                    "rolled_back": rolled,
+                }
+            )
+        base = self.base
+        out.append(
+            {
+                "version": BASE_VERSION,
+                "served": served == BASE_VERSION,
+                "complete": True,
+                "parent": None,
+                "created_at": base.manifest.get("created_at"),
+                "method": base.manifest.get("method"),
+                "metrics": base.metrics(),
+                "decision": None,
+                "rolled_back": None,
+            }
+        )
+        return out
+
+    def ancestors(self, art: Artifact, site: str = DEFAULT_SITE) -> list[int]:
+        with self._db() as conn:
+            kept = {
+                int(v): (None if p is None else int(p))
+                for v, p in conn.execute(
+                    "SELECT version, parent FROM versions WHERE site = %s", (site,)
+                )
+            }
+        kept[BASE_VERSION] = None
+        out: list[int] = []
+        parent = art.manifest.get("parent_version")
+        while parent is not None and int(parent) in kept and int(parent) not in out:
+            out.append(int(parent))
+            parent = kept[int(parent)]
+        return out
+
+    def _insert_decision(self, conn: Any, entry: dict, site: str) -> None:
+        conn.execute(
+            "INSERT INTO decisions (site, entry) VALUES (%s, %s)",
+            (site, json.dumps({"recorded_at": now(), **entry}, default=str)),
+        )
+        conn.execute(
+            "DELETE FROM decisions WHERE site = %s AND id <= (SELECT id FROM decisions "
+            "WHERE site = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
+            (site, site, MAX_DECISIONS),
+        )
+
+    def record_decision(self, entry: dict, site: str = DEFAULT_SITE) -> None:
+        with self._db() as conn, conn.transaction():
+            self._insert_decision(conn, entry, site)
+
+    def decisions(self, limit: int | None = None, site: str = DEFAULT_SITE) -> list[dict]:
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT entry FROM decisions WHERE site = %s ORDER BY id DESC LIMIT %s",
+                (site, limit if limit is not None else MAX_DECISIONS),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # -- adaptation requests and status ----------------------------------------------------
+    def request_adapt(self, req: dict, site: str = DEFAULT_SITE) -> None:
+        with self._db() as conn:
+            conn.execute(
+                "INSERT INTO adapt_requests (id, site, body) VALUES (%s, %s, %s)",
+                (req["id"], site, json.dumps(req)),
+            )
+
+    def take_request(self) -> dict | None:
+        with self._db() as conn:
+            row = conn.execute(
+                "UPDATE adapt_requests SET taken_at = now(), taken_by = %s WHERE id = ("
+                "SELECT id FROM adapt_requests WHERE taken_at IS NULL "
+                "ORDER BY requested_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                "RETURNING site, body",
+                (f"{socket.gethostname()}:{os.getpid()}",),
+            ).fetchone()
+        if row is None:
+            return None
+        site, body = row
+        return {**(body if isinstance(body, dict) else {}), "site": site}
+
+    def pending_request(self, site: str = DEFAULT_SITE) -> dict | None:
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT body FROM adapt_requests WHERE site = %s AND taken_at IS NULL "
+                "ORDER BY requested_at, id LIMIT 1",
+                (site,),
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def write_status(self, status: dict, site: str = DEFAULT_SITE) -> None:
+        if status.get("state") == "running" and self._lead is not None:
+            status = {**status, "leader_pid": self._lead_pid}
+        with self._db() as conn:
+            conn.execute(
+                "INSERT INTO adapt_status (site, status, updated_at) VALUES (%s, %s, now()) "
+                "ON CONFLICT (site) DO UPDATE SET status = EXCLUDED.status, "
+                "updated_at = EXCLUDED.updated_at",
+                (site, json.dumps({**status, "updated_at": now()}, default=str)),
+            )
+
+    def _raw_status(self, site: str) -> dict | None:
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT status FROM adapt_status WHERE site = %s", (site,)
+            ).fetchone()
+            status = None if row is None else row[0]
+            if not isinstance(status, dict) or status.get("state") != "running":
+                return status
+            pid = status.get("leader_pid")
+            alive = (
+                isinstance(pid, int)
+                and conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+                is not None
+            )
+        if not alive:
+            status = {
+                **status,
+                "stale_reason": (
+                    f"the adaptation worker (pid {status.get('pid')} on {status.get('host')}) "
+                    "lost its database session during the run (killed or crashed); the served "
+                    "version was not changed"
+                ),
+            }
+        return status
+
+    def read_status(self, site: str = DEFAULT_SITE) -> dict | None:
+        status = self._raw_status(site)
+        if status is not None and "stale_reason" in status:
+            reason = status.pop("stale_reason")
+            status = {**status, "state": "failed", "reasons": [reason]}
+        return status
+
+    def stale_status(self, site: str = DEFAULT_SITE) -> dict | None:
+        status = self._raw_status(site)
+        return status if status is not None and "stale_reason" in status else None
+
+    # -- traffic ---------------------------------------------------------------------------
+    def open_store(self, dim: int, metrics: ServingMetrics | None = None) -> Any:
+        env = self.store_env
+        if env.get("MP2A_STORE", "").strip().lower() == "off":
+            log.info("traffic store disabled (MP2A_STORE=off)")
+            return None
+        config = StoreConfig.from_env(self.run, dim, env)
+        assert config is not None
+        return PgTrafficStore(self, config, metrics=metrics)
+
+    def read_traffic(self, limit: int | None, site: str = DEFAULT_SITE) -> np.ndarray:
+        dim = self.base.backbone.embed_dim
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT embedding FROM traffic WHERE site = %s ORDER BY id DESC LIMIT %s",
+                (site, limit),
+            ).fetchall()
+        blob = b"".join(bytes(r[0]) for r in reversed(rows))
+        return np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim).astype(np.float32)
+
+    def traffic_max_id(self, site: str = DEFAULT_SITE) -> int:
+        with self._db() as conn:
+            (v,) = conn.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM traffic WHERE site = %s", (site,)
+            ).fetchone()
+        return int(v)
+
+    def traffic_count(self, site: str = DEFAULT_SITE) -> int:
+        with self._db() as conn:
+            (v,) = conn.execute("SELECT COUNT(*) FROM traffic WHERE site = %s", (site,)).fetchone()
+        return int(v)
+
+    # -- the one active worker -------------------------------------------------------------
+    def try_lead(self) -> bool:
+        """A session advisory lock on a connection of its own: held while this process and
+        its connection live; a killed leader's lock is released with its connection."""
+        psycopg = _psycopg()
+        if self._lead is not None:
+            try:
+                self._lead.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                log.warning("lost the leader connection to %s", self.where)
+                self.release_lead()
+                return False
+        conn = self._new_conn()
+        (ok,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
+        if not ok:
+            conn.close()
+            return False
+        (self._lead_pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+        self._lead = conn
+        return True
+
+    def release_lead(self) -> None:
+        if self._lead is not None:
+            with contextlib.suppress(Exception):
+                self._lead.close()  # the session ends: the advisory lock goes with it
+            self._lead = None
+
+
+class PgTrafficStore(TrafficStore):
+    """The traffic store's queue and writer thread (online/store.py) writing to PostgreSQL:
+    COPY of each batch, per-site retention, reconnects with a pause when the database goes
+    away (the batch is dropped and counted; serving never waits for it)."""
+
+    def __init__(
+        self,
+        state: PgState,
+        config: StoreConfig,
+        *,
+        metrics: ServingMetrics | None = None,
+        site: str = DEFAULT_SITE,
+        start: bool = True,
+    ) -> None:
+        self.state, self.site = state, site
+        super().__init__(config, metrics=metrics, start=start)
+
+    def _init_schema(self) -> None:
+        """PgState migrated the database already."""
+
+    def _open_writer(self) -> Any:
+        return self.state._new_conn(autocommit=False)
+
+    def _close_writer(self, con: Any) -> None:
+        with contextlib.suppress(Exception):
+            con.close()
+
+    def _reset_writer(self, con: Any) -> Any:
+        self._close_writer(con)
+        return None
+
+    def _writer_failed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.state_errors.labels(op="traffic").inc()
+
+    def _write(self, con: Any, batch: list[_Sample]) -> bool:
+        psycopg = _psycopg()
+        try:
+            with con.cursor() as cur:
+                if all(s.image is None for s in batch):
+                    cols = "site, t, version, label, confidence, embedding"
+                    with cur.copy(f"COPY traffic ({cols}) FROM STDIN") as copy:
+                        for s in batch:
+                            copy.write_row(
+                                (self.site, s.t, s.version, s.label, s.confidence, s.embedding)
+                            )
+                else:
+                    for s in batch:
+                        cur.execute(
+                            "INSERT INTO traffic (site, t, version, label, confidence, "
+                            "embedding) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                            (self.site, s.t, s.version, s.label, s.confidence, s.embedding),
+                        )
+                        (sid,) = cur.fetchone()
+                        if s.image is not None:
+                            cur.execute(
+                                "INSERT INTO traffic_images (sample_id, site, data) "
+                                "VALUES (%s, %s, %s)",
+                                (sid, self.site, s.image),
+                            )
+            con.commit()
+            return True
+        except psycopg.Error as e:
+            log.warning("traffic store (PostgreSQL): dropped %d samples: %s", len(batch), e)
+            self._count_dropped(len(batch))
+            self._writer_failed()
+            with contextlib.suppress(Exception):
+                con.rollback()
+            return False
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+
+    def _retain_and_publish(self, con: Any) -> bool:
+        psycopg = _psycopg()
+        c, site = self.config, self.site
+        try:
+            with con.cursor() as cur:
+                cur.execute(
+                    "DELETE FROM traffic WHERE site = %s AND t < %s",
+                    (site, time.time() - c.max_age_s),
+                )
+                cur.execute(
+                    "DELETE FROM traffic WHERE site = %s AND id <= (SELECT id FROM traffic "
+                    "WHERE site = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
+                    (site, site, c.max_rows),
+                )
+                cur.execute(
+                    "DELETE FROM traffic_images WHERE site = %s AND sample_id <= (SELECT "
+                    "sample_id FROM traffic_images WHERE site = %s ORDER BY sample_id DESC "
+                    "LIMIT 1 OFFSET %s)",
+                    (site, site, c.max_images),
+                )
+                cur.execute("SELECT COUNT(*) FROM traffic WHERE site = %s", (site,))
+                (n,) = cur.fetchone()
+            con.commit()
+        except psycopg.Error as e:
+            log.warning("traffic store (PostgreSQL): retention pass failed: %s", e)
+            self._writer_failed()
+            with contextlib.suppress(Exception):
+                con.rollback()
+            return False
+        if self.metrics is not None:
+            self.metrics.traffic_samples.set(n)
+        return True
+
+    # -- readers ---------------------------------------------------------------------------
+    def count(self) -> int:
+        return self.state.traffic_count(self.site)
+
+    def image_count(self) -> int:
+        with self.state._db() as conn:
+            (n,) = conn.execute(
+                "SELECT COUNT(*) FROM traffic_images WHERE site = %s", (self.site,)
+            ).fetchone()
+        return int(n)
+
+    def read(self, limit: int | None = None, since: float | None = None, version=None) -> Traffic:
+        where, args = ["site = %s"], [self.site]
+        if since is not None:
+            where.append("t >= %s")
+            args.append(float(since))
+        if version is not None:
+            where.append("version = %s")
+            args.append(str(version))
+        sql = "SELECT t, label, confidence, embedding FROM traffic WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT %s"
+        args.append(limit)
+        with self.state._db() as conn:
+            rows = conn.execute(sql, args).fetchall()[::-1]
+        d = self.config.dim
+        emb = np.frombuffer(b"".join(bytes(r[3]) for r in rows), dtype="<f4").reshape(len(rows), d)
+        return Traffic(
+            embeddings=emb.astype(np.float32),
+            labels=np.array([r[1] for r in rows], dtype=np.int64),
+            confidences=np.array([r[2] for r in rows], dtype=np.float32),
+            times=np.array([r[0] for r in rows], dtype=np.float64),
+        )

@@ -1,0 +1,77 @@
+"""The service's OpenAPI document (GET /docs.json), made accurate.
+
+BentoML generates the document from the APIs' type hints and merges the paths of the mounted
+FastAPI app (serving/routes.py), which are described fully there. Its prediction routes are
+short of what they really do: the uploads are checked before BentoML sees them
+(serving/guard.py) and answer 400, 413, 415, 422 and 503 with `{"error": …}`, an upload must
+not be empty and a batch holds 1 to MP2A_MAX_BATCH_IMAGES images. `document` adds that, and
+the bearer scheme of the admin routes; `OpenAPIDocument` serves it in place of BentoML's.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+DOC_PATH = "/docs.json"
+ERROR = {"$ref": "#/components/schemas/ErrorBody"}
+PREDICT_ERRORS = {
+    400: "a malformed form, a missing or empty field, an image that does not decode",
+    413: "the body, the image's pixels or the number of images is over the limit",
+    415: "not multipart/form-data, or not an image (JPEG, PNG, WebP, BMP, GIF)",
+    422: "an image that declares an empty size",
+    500: "a fault of the server (never caused by the input)",
+    503: "the model is not loaded yet",
+}
+
+
+def document(spec: dict[str, Any], max_batch_images: int) -> dict[str, Any]:
+    """`spec` (BentoML's, as a dict) with the prediction routes described as they behave."""
+    spec = copy.deepcopy(spec)
+    paths = spec["paths"]
+    for path, field, many in (("/predict", "image", False), ("/predict_batch", "images", True)):
+        op = paths[path]["post"]
+        schema = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+        prop = schema["properties"][field]
+        if many:
+            prop.update(minItems=1, maxItems=max_batch_images)
+            prop["items"]["minLength"] = 1
+        else:
+            prop["minLength"] = 1
+        op["requestBody"]["required"] = True
+        op["responses"] = {
+            "200": op["responses"]["200"],
+            **{
+                str(code): {"description": what, "content": {"application/json": {"schema": ERROR}}}
+                for code, what in PREDICT_ERRORS.items()
+            },
+        }
+    paths["/readyz"]["get"]["responses"]["503"] = {"description": "not ready (yet)"}
+    paths["/livez"]["get"]["responses"]["503"] = {"description": "the model thread died"}
+    spec.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the server's MP2A_ADMIN_TOKEN",
+    }
+    return spec
+
+
+class OpenAPIDocument:
+    """ASGI middleware answering GET /docs.json with `document(service spec)`."""
+
+    def __init__(self, app: ASGIApp, service: Any, max_batch_images: int) -> None:
+        self.app, self.service, self.max_batch_images = app, service, max_batch_images
+
+    @functools.cached_property
+    def body(self) -> dict[str, Any]:
+        return document(self.service.openapi_spec.asdict(), self.max_batch_images)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") == DOC_PATH and scope["method"] == "GET":
+            await JSONResponse(self.body)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

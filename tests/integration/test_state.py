@@ -1,0 +1,324 @@
+"""The state interface (online/state.py): one contract, run against both backends — files
+beside the artifact and a real PostgreSQL 15 (Debian's package, started by the test) — plus
+what only the database has: migrations under concurrency, NOTIFY, a damaged row, a database
+of another artifact, a restart under load, and the advisory-lock leader with a real kill -9."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mp2a.errors import ArtifactError
+from mp2a.head import Head
+from online.state import FileState, StateError, open_state
+
+
+def permuted(art, shift: int) -> Head:
+    return Head(np.roll(art.head.weight, shift, axis=1), art.head.logit_scale)
+
+
+@pytest.fixture
+def run(tmp_path: Path, street_run: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(street_run, out, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    return out
+
+
+@pytest.fixture(params=["files", "postgresql"])
+def state(request, run: Path, tmp_path: Path):
+    if request.param == "files":
+        s = FileState(run, tmp_path / "traffic.sqlite")
+    else:
+        dsn = request.getfixturevalue("pg_dsn")
+        s = open_state(run, {"MP2A_STATE": dsn, "MP2A_STATE_CACHE": str(tmp_path / "cache")})
+    yield s
+    s.close()
+
+
+def publish(state, head: Head, parent: int, note: str, **kw) -> int:
+    return state.publish(
+        head,
+        {"note": note},
+        parent=parent,
+        prompts=None,
+        decision={"accepted": True, "note": note},
+        method="test",
+        prompt_config=None,
+        rows=None,
+        **kw,
+    )
+
+
+def test_versions_publish_rollback_history_and_decisions(state, run):
+    """The same contract on both backends: a publish is served, names its parent, carries its
+    decision; a stale parent is refused; rollback returns to the parent; history and the
+    decision log read back."""
+    base = state.load_current()
+    assert base.version == 1 and state.kind in ("files", "postgresql")
+    with pytest.raises(ArtifactError, match="nothing to roll back"):
+        state.rollback()
+    token = state.change_token()
+    v2 = publish(state, permuted(base, 1), 1, "two", record={"state": "accepted"})
+    assert v2 == 2 and state.change_token() != token
+    art = state.load_current()
+    assert art.version == 2 and art.manifest["parent_version"] == 1
+    np.testing.assert_array_equal(art.head.weight, permuted(base, 1).weight)
+    assert art.metrics() == {"note": "two"} and art.manifest["decision"]["note"] == "two"
+    assert state.ancestors(art) == [1]
+    with pytest.raises((StateError, ArtifactError), match="not 1 as when the run started"):
+        publish(state, permuted(base, 2), 1, "stale")  # trained on 1, but 2 is served
+    assert publish(state, permuted(base, 3), 2, "three") == 3
+    assert state.ancestors(state.load_current()) == [2, 1]
+    assert state.rollback() == 2 and state.load_current().version == 2
+    hist = {h["version"]: h for h in state.history()}
+    assert set(hist) == {1, 2, 3} and hist[2]["served"] and hist[3]["rolled_back"]["to"] == 2
+    (logged,) = state.decisions()
+    assert logged["state"] == "accepted" and logged["version"] == 2  # recorded with its publish
+    state.record_decision({"state": "rejected", "reasons": ["no gain"]})
+    assert [d["state"] for d in state.decisions()] == ["rejected", "accepted"]
+    assert [d["state"] for d in state.decisions(limit=1)] == ["rejected"]
+
+
+def test_adapt_requests_and_status(state):
+    assert state.take_request() is None and state.pending_request() is None
+    state.request_adapt({"id": "r1", "settings": {"stages": 1}})
+    assert state.pending_request()["id"] == "r1"
+    taken = state.take_request()
+    assert taken["id"] == "r1" and taken["site"] == "" and taken["settings"] == {"stages": 1}
+    assert state.take_request() is None and state.pending_request() is None
+    assert state.read_status() is None
+    state.write_status({"state": "rejected", "reasons": ["x"]})
+    got = state.read_status()
+    assert got["state"] == "rejected" and got["reasons"] == ["x"] and "updated_at" in got
+
+
+def test_traffic_offer_read_and_caps(state, run):
+    base = state.load_current()
+    dim = base.backbone.embed_dim
+    import os
+
+    os.environ["MP2A_STORE_MAX_ROWS"] = "50"
+    try:
+        if state.kind == "postgresql":
+            state.store_env["MP2A_STORE_MAX_ROWS"] = "50"
+        store = state.open_store(dim)
+    finally:
+        del os.environ["MP2A_STORE_MAX_ROWS"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, dim)).astype(np.float32)
+    for i, e in enumerate(x):
+        assert store.offer(e, i % 10, 0.5, "1")
+    store.flush(30)
+    deadline = time.time() + 10
+    while state.traffic_count() > 50 and time.time() < deadline:  # retention runs each second
+        time.sleep(0.2)
+    store.close()
+    got = state.read_traffic(None)
+    assert state.traffic_count() == 50 == len(got)
+    np.testing.assert_array_equal(got, x[-50:])  # the newest, oldest first
+    assert state.traffic_max_id() >= 80
+    np.testing.assert_array_equal(state.read_traffic(10), x[-10:])
+
+
+def test_one_leader_at_a_time_and_takeover(state, run, tmp_path):
+    other = (
+        FileState(run, tmp_path / "traffic.sqlite")
+        if state.kind == "files"
+        else open_state(run, {"MP2A_STATE": state.dsn, "MP2A_STATE_CACHE": str(tmp_path / "c2")})
+    )
+    try:
+        assert state.try_lead() and state.try_lead()  # re-entrant for the holder
+        assert not other.try_lead()
+        state.release_lead()
+        assert other.try_lead() and not state.try_lead()
+    finally:
+        other.close()
+
+
+# ------------------------------------------------------------------- PostgreSQL only
+
+
+@pytest.fixture
+def pg_state(run, pg_dsn, tmp_path):
+    s = open_state(run, {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / "cache")})
+    yield s
+    s.close()
+
+
+def test_replicas_starting_together_migrate_once(run, pg_dsn, tmp_path):
+    import psycopg
+
+    errors: list[BaseException] = []
+
+    def start(i: int) -> None:
+        try:
+            env = {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / f"c{i}")}
+            open_state(run, env).close()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT version FROM mp2a_schema").fetchall() == [(1,)]
+
+
+def test_unreachable_database_and_another_artifacts_database_are_one_line_errors(
+    run, pg_dsn, tmp_path, street_run, transductive_run
+):
+    with pytest.raises(StateError, match=r"cannot reach PostgreSQL at 127\.0\.0\.1:1/nope"):
+        open_state(run, {"MP2A_STATE": "postgresql://u@127.0.0.1:1/nope"})
+    with pytest.raises(StateError, match="use postgresql://"):
+        open_state(run, {"MP2A_STATE": "mysql://x"})
+    open_state(run, {"MP2A_STATE": pg_dsn}).close()
+    other = tmp_path / "other"
+    shutil.copytree(transductive_run, other, ignore=shutil.ignore_patterns("versions"))
+    with pytest.raises(StateError, match="holds the state of another artifact"):
+        open_state(other, {"MP2A_STATE": pg_dsn})
+
+
+def test_notify_wakes_a_waiting_replica_within_a_second(run, pg_dsn, tmp_path, pg_state):
+    replica = open_state(run, {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / "r")})
+    try:
+        replica.wait_for_change(0.01)  # LISTEN is set up
+        woke: list[float] = []
+
+        def wait() -> None:
+            replica.wait_for_change(30)
+            woke.append(time.monotonic())
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.3)
+        sent = time.monotonic()
+        publish(pg_state, permuted(pg_state.load_current(), 1), 1, "two")
+        t.join(10)
+        assert woke and woke[0] - sent < 1.0
+        assert replica.load_current().version == 2
+    finally:
+        replica.close()
+
+
+def test_a_head_row_whose_sha256_does_not_match_is_not_served(run, pg_dsn, pg_state, tmp_path):
+    import psycopg
+
+    base = pg_state.load_current()
+    publish(pg_state, permuted(base, 1), 1, "two")
+    publish(pg_state, permuted(base, 2), 2, "three")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE versions SET head = overlay(head placing '\\x00' from 200 for 1) "
+            "WHERE version = 3"
+        )
+    fresh = open_state(run, {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / "f")})
+    try:
+        assert fresh.load_current().version == 2  # 3 fails its sha256: the newest good one
+    finally:
+        fresh.close()
+
+
+def test_a_replica_started_with_the_database_down_serves_its_last_verified_version(
+    run, pg_server, tmp_path
+):
+    dsn = pg_server.create_db(f"down_{uuid.uuid4().hex[:8]}")
+    env = {"MP2A_STATE": dsn, "MP2A_STATE_CACHE": str(tmp_path / "cache")}
+    s = open_state(run, env)
+    publish(s, permuted(s.load_current(), 4), 1, "two")
+    assert s.load_current().version == 2
+    s.close()
+    pg_server.stop("immediate")
+    try:
+        with pytest.raises(StateError, match="cannot reach PostgreSQL"):
+            open_state(run, env)  # a fresh connection fails: mp2a serve decides (launch.py)
+        offline = open_state(run, env, connect=False)
+        art = offline.load_current()
+        assert art.version == 2 and offline.offline
+        np.testing.assert_array_equal(art.head.weight, permuted(art, 0).weight)
+    finally:
+        pg_server.start()
+
+
+def test_a_database_restart_under_traffic_loses_no_committed_row(run, pg_server, tmp_path):
+    """The store keeps taking samples while the database restarts (those it cannot write are
+    dropped and counted, never blocking), reconnects by itself, and every row committed before
+    the restart is still there."""
+    dsn = pg_server.create_db(f"restart_{uuid.uuid4().hex[:8]}")
+    s = open_state(run, {"MP2A_STATE": dsn, "MP2A_STATE_CACHE": str(tmp_path / "cache")})
+    dim = s.load_current().backbone.embed_dim
+    store = s.open_store(dim)
+    x = np.random.default_rng(1).normal(size=(400, dim)).astype(np.float32)
+    for e in x[:200]:
+        store.offer(e, 0, 0.5, "1")
+    store.flush(30)
+    before = s.traffic_count()
+    assert before == 200
+    pg_server.restart(down_seconds=1.0)
+    t0 = time.monotonic()
+    for e in x[200:]:
+        store.offer(e, 0, 0.5, "1")
+        time.sleep(0.01)
+    assert time.monotonic() - t0 < 30  # offer never waited for the database
+    store.flush(60)
+    deadline = time.time() + 30
+    while True:
+        try:
+            n = s.traffic_count()
+            break
+        except StateError:
+            assert time.time() < deadline
+            time.sleep(0.5)
+    store.close()
+    assert n + store.dropped == 400 and n >= before
+    assert s.read_traffic(None)[:200].tolist() == x[:200].tolist()
+    s.close()
+
+
+def test_kill_9_of_the_leading_worker_hands_the_lead_over(run, pg_dsn, tmp_path, pg_state):
+    """A real `python -m online.worker` leads; kill -9 ends its session and its advisory lock;
+    another state takes the lead within seconds, and a status it left running reads failed."""
+    cmd = [sys.executable, "-m", "online.worker", str(run), "--state", pg_dsn, "--poll", "0.2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while pg_state.try_lead():  # until the worker holds it
+            pg_state.release_lead()
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        pg_state.write_status({"state": "running", "pid": proc.pid, "host": "h"})
+        import psycopg
+
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # as the leader writes it
+            (lead_pid,) = conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            ).fetchone()
+            conn.execute(
+                "UPDATE adapt_status SET status = jsonb_set(status, '{leader_pid}', %s::jsonb)",
+                (json.dumps(lead_pid),),
+            )
+        assert pg_state.read_status()["state"] == "running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        t0 = time.monotonic()
+        while not pg_state.try_lead():
+            assert time.monotonic() - t0 < 10, "no takeover within 10 s"
+            time.sleep(0.2)
+        status = pg_state.read_status()
+        assert status["state"] == "failed" and "lost its database session" in status["reasons"][0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
