@@ -10,12 +10,15 @@ the bearer scheme of the admin routes; `OpenAPIDocument` serves it in place of B
 
 from __future__ import annotations
 
-import copy
 import functools
+import json
+import logging
 from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 DOC_PATH = "/docs.json"
 ERROR = {"$ref": "#/components/schemas/ErrorBody"}
@@ -31,7 +34,7 @@ PREDICT_ERRORS = {
 
 def document(spec: dict[str, Any], max_batch_images: int) -> dict[str, Any]:
     """`spec` (BentoML's, as a dict) with the prediction routes described as they behave."""
-    spec = copy.deepcopy(spec)
+    spec = json.loads(json.dumps(spec))  # a plain copy; response codes become strings
     paths = spec["paths"]
     for path, field, many in (("/predict", "image", False), ("/predict_batch", "images", True)):
         op = paths[path]["post"]
@@ -67,11 +70,17 @@ class OpenAPIDocument:
         self.app, self.service, self.max_batch_images = app, service, max_batch_images
 
     @functools.cached_property
-    def body(self) -> dict[str, Any]:
-        return document(self.service.openapi_spec.asdict(), self.max_batch_images)
+    def body(self) -> dict[str, Any] | None:
+        try:
+            return document(self.service.openapi_spec.asdict(), self.max_batch_images)
+        except Exception:  # BentoML's own document is still better than none
+            log.exception("cannot amend the OpenAPI document; serving BentoML's")
+            return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path") == DOC_PATH and scope["method"] == "GET":
-            await JSONResponse(self.body)(scope, receive, send)
-            return
+            body = self.body
+            if body is not None:
+                await JSONResponse(body)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
