@@ -54,7 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact
+from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact, load_artifact
+from mp2a.errors import ArtifactError
 from mp2a.head import PROMPT, PROTOTYPE, Head
 from mp2a.metrics import ServingMetrics
 from online import gate
@@ -247,12 +248,15 @@ def train_candidate(
     target: np.ndarray,
     cfg: WorkerConfig,
     init_probs: np.ndarray | None = None,
+    base_template: str | None = None,
 ) -> Candidate:
     """Re-adapt the served version on `target` embeddings (N, D) with the labeled `sources`
     [(features, labels)] per source domain (the artifact's order): the training half of a
     run, with no store and no gate, so experiments and tests can call it on arrays.
     `init_probs` (N, C) replaces the serving head's probabilities as the first pseudo-labels
-    (the benchmark's deliberately permuted candidate)."""
+    (the benchmark's deliberately permuted candidate). A version with neither prompts nor a
+    template of its own (published by hand) starts from `base_template`, the base artifact's
+    hand prompt."""
     import torch
 
     from adapt.models import load_backbone
@@ -262,6 +266,7 @@ def train_candidate(
 
     t_load = time.time()
     prompts, template = _prompt_state(served)
+    template = template or base_template
     lm = load_backbone(served.backbone)
     classes = served.classes
     if prompts is not None:
@@ -355,7 +360,11 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
     src_hold, tr_hold = gate.holdout_mask(len(src_y)), gate.holdout_mask(len(traffic))
     sources = [(src_x[~src_hold & (src_d == d)], src_y[~src_hold & (src_d == d)]) for d in domains]
     target = traffic[~tr_hold]
-    cand = train_candidate(served, sources, target, cfg)
+    try:
+        base_template = _prompt_state(load_artifact(state.run))[1]
+    except (ArtifactError, OSError, ValueError):
+        base_template = None
+    cand = train_candidate(served, sources, target, cfg, base_template=base_template)
     decision = gate.evaluate(
         served.head,
         cand.head,

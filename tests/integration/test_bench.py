@@ -78,3 +78,24 @@ def test_bench_online_refuses_bad_settings(capsys):
     assert "--method 'magic': choose mp2a-t or mp2a" in capsys.readouterr().err
     assert main(["bench", "online", "--quick", "--source-margin", "2"]) == 2
     assert "--source-margin must be in 0..1" in capsys.readouterr().err
+
+
+def test_bench_fleet_quick_runs_three_replicas_on_a_real_postgresql(capsys, pg_server):
+    """The quick fleet bench: its own PostgreSQL, three real replicas under load with
+    publishes and rollbacks, ingest into both stores, p99 side by side, a real kill -9."""
+    assert main(["bench", "fleet", "--json", "--quick"]) == 0
+    r = json.loads(capsys.readouterr().out.strip())
+    s = r["swaps_under_load"]
+    assert s["replicas"] == 3 and s["publishes"] == 10 and s["rollbacks"] == 2
+    assert s["load"]["requests"] > 0 and s["load"]["failed"] == 0
+    assert len(s["all_replicas_swapped_ms"]) == 12
+    assert all(ms is None or ms > 0 for ms in s["all_replicas_swapped_ms"])
+    for name in ("postgresql", "sqlite"):
+        assert r["ingest"][name]["rows"] == r["ingest"][name]["samples"] == 2000
+    p99 = r["prediction_p99"]
+    assert len(p99["runs"]["postgresql"]) == len(p99["runs"]["sqlite"]) == 2
+    assert all(run["failed"] == 0 for runs in p99["runs"].values() for run in runs)
+    t = r["takeover"]
+    assert t["killed_run_recorded"] == 1 and t["next_run_recorded"] == 1
+    assert t["next_run_state"] in ("accepted", "rejected") and t["takeover_seconds"] > 0
+    assert set(r["targets"]) >= {"swap_p99_le_1_s", "takeover_le_10_s", "ingest_ge_5000_per_s"}

@@ -166,6 +166,22 @@ def test_a_genuine_shift_is_adapted_to_accepted_and_really_better(tmp_path, shif
     assert after > before + 0.02
 
 
+def test_a_version_published_without_prompts_or_template_starts_from_the_base_prompt(
+    run, street_embeddings
+):
+    """A head published by hand (no prompts, no template in its metrics) is re-adapted from
+    the base artifact's hand prompt instead of failing the run."""
+    from mp2a.head import Head
+
+    base = versions.load_current(run)
+    plain = Head(np.roll(base.head.weight, 1, axis=1), base.head.logit_scale)
+    assert versions.publish(run, plain, {"by": "hand"}) == 2
+    store = fill_store(run, street_embeddings)
+    status = worker.run_once(FileState(run, store), CFG)
+    assert status["state"] in ("accepted", "rejected"), status.get("reasons")
+    assert status["start"] == f"hand template {base.metrics()['template']!r}"
+
+
 def test_a_failing_run_reports_failed_and_keeps_the_served_version(run):
     dim = versions.load_current(run).backbone.embed_dim
     empty = TrafficStore(StoreConfig(path=run / "empty.sqlite", dim=dim), start=False)
