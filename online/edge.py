@@ -85,7 +85,9 @@ class EdgeConfig:
             poll = float(env.get("MP2A_EDGE_POLL_S", "") or 2.0)
             batch = int(env.get("MP2A_EDGE_BATCH", "") or 500)
         except ValueError:
-            raise ValueError("MP2A_EDGE_POLL_S must be a number, MP2A_EDGE_BATCH an integer") from None
+            raise ValueError(
+                "MP2A_EDGE_POLL_S must be a number, MP2A_EDGE_BATCH an integer"
+            ) from None
         if not 0.05 <= poll <= 3600 or not 1 <= batch <= 5000:
             raise ValueError("MP2A_EDGE_POLL_S must be in 0.05..3600, MP2A_EDGE_BATCH in 1..5000")
         return cls(hub, site, token, poll, batch)
@@ -156,7 +158,9 @@ class EdgeSync:
             row = con.execute("SELECT value FROM meta WHERE key = 'edge_uid'").fetchone()
             if row is None:
                 uid = os.urandom(6).hex()
-                con.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('edge_uid', ?)", (uid,))
+                con.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('edge_uid', ?)", (uid,)
+                )
                 row = con.execute("SELECT value FROM meta WHERE key = 'edge_uid'").fetchone()
             return str(row[0])
         except sqlite3.Error:
@@ -185,9 +189,8 @@ class EdgeSync:
         if not rows:
             return 0
         emb = np.frombuffer(b"".join(r[5] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
-        samples = encode_samples(
-            emb, [r[3] for r in rows], [r[4] for r in rows], [r[2] for r in rows], [r[1] for r in rows]
-        )
+        labels, conf = [r[3] for r in rows], [r[4] for r in rows]
+        samples = encode_samples(emb, labels, conf, [r[2] for r in rows], [r[1] for r in rows])
         batch_id = f"{self.cfg.site}:{self._uid}:{rows[0][0]}-{rows[-1][0]}"
         body = json.dumps({"batch_id": batch_id, "samples": samples}).encode()
         status, _, text = self._request(
@@ -208,7 +211,8 @@ class EdgeSync:
     def _gauges(self, depth: int, oldest_t: float | None) -> None:
         if self.metrics is not None:
             self.metrics.buffer_samples.set(depth)
-            self.metrics.upload_lag.set(0.0 if oldest_t is None else max(0.0, time.time() - oldest_t))
+            lag = 0.0 if oldest_t is None else max(0.0, time.time() - oldest_t)
+            self.metrics.upload_lag.set(lag)
 
     def _upload_loop(self) -> None:
         backoff = Backoff()
@@ -271,7 +275,7 @@ class EdgeSync:
                 wait = self.cfg.poll_s * random.uniform(0.9, 1.1)
             except Exception as e:  # keep serving what was verified last
                 wait = min(backoff.next_wait(), max(self.cfg.poll_s, MIN_BACKOFF_S) * 8)
-                log.warning("head poll of %s failed (%s); retrying in %.1f s", self.cfg.hub, e, wait)
+                log.warning("head poll of %s failed (%s); retry in %.1f s", self.cfg.hub, e, wait)
             if self.metrics is not None:
                 self.metrics.head_age.set(time.time() - self.confirmed_at)
             self._stop.wait(wait)

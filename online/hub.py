@@ -172,9 +172,7 @@ def parse_upload(body: object, dim: int, classes: int) -> Upload:
     return Upload(batch_id, emb, labels, conf, versions, times)
 
 
-def encode_samples(
-    embeddings: np.ndarray, labels, confidences, versions, times
-) -> list[dict]:
+def encode_samples(embeddings: np.ndarray, labels, confidences, versions, times) -> list[dict]:
     """The edge side of the upload format (the inverse of `parse_upload`)."""
     return [
         {

@@ -1,6 +1,7 @@
 """PostgreSQL state for a fleet: MP2A_STATE=postgresql://user@host:port/db (online/state.py).
 
-Every replica and worker of a deployment points at one database. It holds:
+Every replica and worker of a deployment points at one database (psycopg 3: a small pool per
+process, a dedicated connection each for LISTEN and for the worker's lead). It holds:
 
     traffic            served samples per site (embedding, time, served version, predicted
                        label, confidence); written in batches with COPY by each replica's
@@ -78,6 +79,7 @@ CHANNEL = "mp2a_versions"
 MIGRATE_KEY = 0x6D703261_0001  # advisory lock keys (bigint)
 LEADER_KEY = 0x6D703261_0002
 CONNECT_TIMEOUT_S = 5
+POOL_SIZE = 4  # connections per process: request threads, the watcher, the worker
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -221,8 +223,8 @@ class PgState:
         key = sha256_bytes(f"{self.where}|{self.identity}".encode())[:16]
         self.cache = Path(cache_dir) if cache_dir else default_cache / key
         self._arts: dict[tuple[str, int], Artifact] = {}
-        self._lock = threading.Lock()  # the shared connection is used by one thread at a time
-        self._conn: Any = None
+        self._lock = threading.Lock()  # guards setting up the pool
+        self._pool: Any = None
         self._listen: Any = None
         self._lead: Any = None
         self._lead_pid: int | None = None
@@ -278,39 +280,58 @@ class PgState:
         except Exception as e:
             conn.close()
             raise StateError(f"cannot set up the mp2a schema in {self.where}: {e}") from e
+        conn.close()
         if owner != self.identity:
-            conn.close()
             raise StateError(
                 f"the database {self.where} holds the state of another artifact (backbone and "
                 f"head {owner[:24]}…, not {self.identity[:24]}…); give this artifact its own "
                 "database"
             )
-        self._conn = conn
+        from psycopg_pool import ConnectionPool
+
+        self._pool = ConnectionPool(
+            self.dsn,
+            min_size=1,
+            max_size=POOL_SIZE,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            check=ConnectionPool.check_connection,  # a connection a restart broke is replaced
+            open=False,
+            name="mp2a",
+        )
+        self._pool.open(wait=False)
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[Any]:
-        """The shared connection (reconnected when it broke), one thread at a time."""
+        """A pooled connection (checked before use: a broken one is replaced)."""
         psycopg = _psycopg()
-        with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._connect_and_migrate()
-            try:
-                yield self._conn
-            except psycopg.OperationalError as e:
-                with contextlib.suppress(Exception):
-                    self._conn.close()
-                self._conn = None
-                raise StateError(f"lost PostgreSQL at {self.where}: {e}") from e
-            except psycopg.Error as e:
-                raise StateError(f"PostgreSQL at {self.where}: {e}") from e
+        from psycopg_pool import PoolTimeout
+
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._connect_and_migrate()
+        try:
+            with self._pool.connection(timeout=CONNECT_TIMEOUT_S) as conn:
+                yield conn
+        except PoolTimeout as e:
+            raise StateError(
+                f"cannot reach PostgreSQL at {self.where} (no connection within "
+                f"{CONNECT_TIMEOUT_S} s); check that the database is up"
+            ) from e
+        except psycopg.OperationalError as e:
+            raise StateError(f"lost PostgreSQL at {self.where}: {e}") from e
+        except psycopg.Error as e:
+            raise StateError(f"PostgreSQL at {self.where}: {e}") from e
 
     def close(self) -> None:
         self.release_lead()
-        for c in (self._conn, self._listen):
-            if c is not None:
-                with contextlib.suppress(Exception):
-                    c.close()
-        self._conn = self._listen = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.close(timeout=5)
+        if self._listen is not None:
+            with contextlib.suppress(Exception):
+                self._listen.close()
+        self._pool = self._listen = None
 
     # -- versions --------------------------------------------------------------------------
     def _site_dir(self, site: str) -> Path:

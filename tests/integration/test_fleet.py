@@ -214,3 +214,58 @@ def test_serve_with_the_database_down_starts_on_the_last_verified_version(
     finally:
         with contextlib.suppress(Exception):
             pg_server.start()
+
+
+def test_a_database_restart_fails_no_prediction_and_the_replica_recovers(
+    street_run, digits_small, pg_server, tmp_path
+):
+    """Predictions keep flowing while PostgreSQL restarts under them: every one answers 200
+    from the verified head; the replica reconnects by itself and traffic is stored again."""
+    import threading
+    import uuid
+
+    run = tmp_path / "run"
+    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    dsn = pg_server.create_db(f"restart_{uuid.uuid4().hex[:8]}")
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "MP2A_STATE": dsn,
+        "MP2A_STATE_CACHE": str(tmp_path / "cache"),
+    }
+    files = sorted(digits_small.glob("street/*/*.png"))
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
+    statuses: list[int] = []
+    stop = threading.Event()
+    with serve_client(cmd, env, tmp_path / "serve.log") as c:
+
+        def client() -> None:
+            with httpx.Client(base_url=str(c.base_url), timeout=60) as own:
+                k = 0
+                while not stop.is_set():
+                    f = files[k % len(files)]
+                    k += 1
+                    r = own.post("/predict", files={"image": (f.name, f.read_bytes())})
+                    statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        pg_server.restart(down_seconds=3.0)
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+        state = open_state(run, {"MP2A_STATE": dsn, "MP2A_STATE_CACHE": str(tmp_path / "t")})
+        before = state.traffic_count()
+        for f in files[:10]:
+            predict_ok(c, f)
+        wait_for("traffic stored after the restart", lambda: state.traffic_count() >= before + 10)
+        wait_for("reconnected", lambda: c.get("/model").json()["state"]["connected"], timeout=60)
+        metrics = c.get("/metrics").text
+        assert "mp2a_state_errors_total" in metrics
+        state.close()
+    print(f"\n{len(statuses)} predictions across the restart, all 200")
