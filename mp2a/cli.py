@@ -100,6 +100,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         backend=args.backend,
         precision=args.precision,
+        hub=args.hub,
+        site=args.site,
     )
 
 
@@ -191,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     sv.add_argument("--backend", default="ort", help="ort (exported encoder) or torch")
     sv.add_argument("--precision", default="fp32", help="ort encoder: fp32 or int8")
+    sv.add_argument("--hub", help="an edge: the hub's URL (with --site and MP2A_EDGE_TOKEN)")
+    sv.add_argument("--site", help="an edge: this site's name on the hub")
     sv.set_defaults(func=_cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks; figures as one JSON object on stdout")

@@ -35,6 +35,13 @@ NAMES = (
     "mp2a_adaptation_duration_seconds",
     "mp2a_pseudo_label_selected_ratio",
     "mp2a_state_errors_total",
+    "mp2a_hub_samples_received_total",
+    "mp2a_edge_upload_lag_seconds",
+    "mp2a_edge_buffer_samples",
+    "mp2a_edge_uploaded_total",
+    "mp2a_edge_upload_errors_total",
+    "mp2a_edge_head_age_seconds",
+    "mp2a_edge_head_rejected_total",
 )
 # 0.5 ms .. 10 s: the tiny CLIP decodes in under a millisecond, ViT-B-16 on CPU takes seconds
 LATENCY_BUCKETS = (
@@ -162,3 +169,61 @@ def get_metrics() -> ServingMetrics:
     for op in STATE_OPS:
         m.state_errors.labels(op=op)
     return m
+
+
+@dataclass(frozen=True)
+class HubMetrics:
+    received: Any  # Counter{site}: samples stored from edge uploads (sites: MP2A_EDGE_TOKENS)
+
+
+@functools.lru_cache(maxsize=1)
+def get_hub_metrics(sites: tuple[str, ...]) -> HubMetrics:
+    """A hub's metrics; the site label takes only the configured sites (bounded)."""
+    from prometheus_client import Counter
+
+    m = HubMetrics(
+        received=Counter(
+            "mp2a_hub_samples_received", "Edge traffic samples stored by this hub", ["site"]
+        )
+    )
+    for site in sites:
+        m.received.labels(site=site)
+    return m
+
+
+@dataclass(frozen=True)
+class EdgeMetrics:
+    upload_lag: Any  # Gauge: seconds since the oldest sample not yet delivered was served
+    buffer_samples: Any  # Gauge: samples waiting in the buffer
+    uploaded: Any  # Counter: samples the hub has
+    upload_errors: Any  # Counter: failed upload attempts
+    head_age: Any  # Gauge: seconds since the hub last confirmed the served head
+    head_rejected: Any  # Counter: heads refused (checksum)
+
+
+@functools.lru_cache(maxsize=1)
+def get_edge_metrics() -> EdgeMetrics:
+    from prometheus_client import Counter, Gauge
+
+    return EdgeMetrics(
+        upload_lag=Gauge(
+            "mp2a_edge_upload_lag_seconds",
+            "Age of the oldest sample not yet delivered to the hub",
+            multiprocess_mode="mostrecent",
+        ),
+        buffer_samples=Gauge(
+            "mp2a_edge_buffer_samples",
+            "Samples waiting in the edge's buffer",
+            multiprocess_mode="mostrecent",
+        ),
+        uploaded=Counter("mp2a_edge_uploaded", "Samples delivered to the hub"),
+        upload_errors=Counter("mp2a_edge_upload_errors", "Failed uploads to the hub"),
+        head_age=Gauge(
+            "mp2a_edge_head_age_seconds",
+            "Seconds since the hub last confirmed the served head",
+            multiprocess_mode="mostrecent",
+        ),
+        head_rejected=Counter(
+            "mp2a_edge_head_rejected", "Heads from the hub refused (failed their sha256)"
+        ),
+    )

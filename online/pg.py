@@ -7,6 +7,7 @@ process, a dedicated connection each for LISTEN and for the worker's lead). It h
                        label, confidence); written in batches with COPY by each replica's
                        store thread, capped by rows and age per site
     traffic_images     raw images, only with MP2A_STORE_IMAGES=1 (own cap)
+    traffic_batches    a hub: the upload batch ids stored, per site (a retry is refused)
     versions           per site and version: head and prompt bytes (safetensors) with their
                        sha256, the manifest and metrics.json text, parent, method, decision,
                        rolled_back
@@ -146,6 +147,20 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
 ]
+MIGRATIONS.append(
+    (
+        2,
+        """
+        CREATE TABLE traffic_batches (
+            site text NOT NULL,
+            batch_id text NOT NULL,
+            n integer NOT NULL,
+            received_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (site, batch_id)
+        );
+        """,
+    )
+)
 LATEST_SCHEMA = MIGRATIONS[-1][0]
 
 
@@ -787,6 +802,49 @@ class PgState:
         config = StoreConfig.from_env(self.run, dim, env)
         assert config is not None
         return PgTrafficStore(self, config, metrics=metrics)
+
+    def sites(self) -> list[str]:
+        """The sites that have a version line or traffic, besides the fleet's own."""
+        with self._db() as conn:
+            rows = conn.execute(
+                "SELECT site FROM current_version WHERE site <> '' UNION "
+                "SELECT DISTINCT site FROM traffic_batches"
+            ).fetchall()
+        return sorted(r[0] for r in rows)
+
+    def ingest(self, upload: Any, site: str) -> int:
+        """Store an edge site's upload in one transaction; DuplicateBatch if its batch id was
+        stored before. The site's rows are capped like everyone's."""
+        from online.store import DuplicateBatch, StoreConfig
+
+        config = StoreConfig.from_env(self.run, upload.embeddings.shape[1], self.store_env)
+        assert config is not None
+        with self._db() as conn, conn.transaction():
+            got = conn.execute(
+                "INSERT INTO traffic_batches (site, batch_id, n) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING 1",
+                (site, upload.batch_id, len(upload.labels)),
+            ).fetchone()
+            if got is None:
+                raise DuplicateBatch(upload.batch_id)
+            cols = "site, t, version, label, confidence, embedding"
+            with conn.cursor() as cur, cur.copy(f"COPY traffic ({cols}) FROM STDIN") as copy:
+                for e, lab, c, v, t in zip(
+                    upload.embeddings, upload.labels, upload.confidences, upload.versions,
+                    upload.times, strict=True,
+                ):  # fmt: skip
+                    row = (site, float(t), v, int(lab), float(c), e.astype("<f4").tobytes())
+                    copy.write_row(row)
+            conn.execute(
+                "DELETE FROM traffic WHERE site = %s AND t < %s",
+                (site, time.time() - config.max_age_s),
+            )
+            conn.execute(
+                "DELETE FROM traffic WHERE site = %s AND id <= (SELECT id FROM traffic "
+                "WHERE site = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
+                (site, site, config.max_rows),
+            )
+        return len(upload.labels)
 
     def read_traffic(self, limit: int | None, site: str = DEFAULT_SITE) -> np.ndarray:
         dim = self.base.backbone.embed_dim

@@ -132,6 +132,14 @@ class State(Protocol):
 
     def traffic_count(self, site: str = DEFAULT_SITE) -> int: ...
 
+    def ingest(self, upload: Any, site: str) -> int:
+        """Store an edge site's upload atomically; DuplicateBatch for a batch id seen before."""
+        ...
+
+    def sites(self) -> list[str]:
+        """The sites with a version line or traffic, besides the server's own."""
+        ...
+
     # -- the one active worker -------------------------------------------------------------
     def try_lead(self) -> bool: ...
 
@@ -214,21 +222,31 @@ class FileState:
     @staticmethod
     def _check_site(site: str) -> None:
         if site != DEFAULT_SITE:
-            raise StateError(f"site {site!r}: this file state keeps the server's own line only")
+            from online.hub import check_site
+
+            try:
+                check_site(site)
+            except ValueError as e:
+                raise StateError(str(e)) from None
 
     def _dir(self, site: str) -> Path:
         self._check_site(site)
-        return versions.versions_dir(self.run)
+        return versions.versions_dir(self.run, site)
+
+    def sites(self) -> list[str]:
+        """The sites that have a version line (a hub's), besides the server's own."""
+        root = self.run / versions.SITES_DIR
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
     # -- versions --------------------------------------------------------------------------
     def load_current(self, site: str = DEFAULT_SITE) -> Artifact:
         self._check_site(site)
-        return versions.load_current(self.run)
+        return versions.load_current(self.run, site)
 
     def change_token(self, site: str = DEFAULT_SITE) -> Any:
         """(inode, mtime, size) of CURRENT: publish and rollback replace the file."""
         try:
-            st = os.stat(versions.current_file(self.run))
+            st = os.stat(versions.current_file(self.run, site))
         except FileNotFoundError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -264,6 +282,7 @@ class FileState:
             prompt_config=prompt_config,
             rows=rows,
             expect_current=parent,
+            site=site,
         )
         if record is not None:
             self.record_decision({**record, "version": version}, site)
@@ -271,45 +290,48 @@ class FileState:
 
     def rollback(self, site: str = DEFAULT_SITE) -> int:
         self._check_site(site)
-        return versions.rollback(self.run)
+        return versions.rollback(self.run, site)
 
     def history(self, site: str = DEFAULT_SITE) -> list[dict]:
         self._check_site(site)
-        return versions.history(self.run)
+        return versions.history(self.run, site=site)
 
     def ancestors(self, art: Artifact, site: str = DEFAULT_SITE) -> list[int]:
         self._check_site(site)
-        return versions.ancestors(self.run, art)
+        return versions.ancestors(self.run, art, site)
 
     def record_decision(self, entry: dict, site: str = DEFAULT_SITE) -> None:
         self._check_site(site)
-        versions.record_decision(self.run, entry)
+        versions.record_decision(self.run, entry, site)
 
     def decisions(self, limit: int | None = None, site: str = DEFAULT_SITE) -> list[dict]:
         self._check_site(site)
-        return versions.decisions(self.run, limit)
+        return versions.decisions(self.run, limit, site)
 
     # -- adaptation requests and status ----------------------------------------------------
     def request_adapt(self, req: dict, site: str = DEFAULT_SITE) -> None:
         atomic_json(self._dir(site) / ADAPT_REQUEST, req)
 
     def take_request(self) -> dict | None:
-        """Consume adapt_request.json if present (atomic rename: one taker wins); its content,
-        {} when it was unreadable, None when there was none."""
-        src = self._dir(DEFAULT_SITE) / ADAPT_REQUEST
-        taken = src.with_name(f"{TAKEN_PREFIX}{os.getpid()}-{ADAPT_REQUEST}")
-        try:
-            os.rename(src, taken)
-        except FileNotFoundError:
-            return None
-        try:
-            req = json.loads(taken.read_text())
-            req = req if isinstance(req, dict) else {}
-        except (OSError, ValueError):
-            req = {}
-        finally:
-            taken.unlink(missing_ok=True)
-        return {**req, "site": DEFAULT_SITE}
+        """Consume a site's adapt_request.json if one is present (the server's own line
+        first; an atomic rename: one taker wins); its content with its "site", {} for an
+        unreadable one, None when there was none."""
+        for site in [DEFAULT_SITE, *self.sites()]:
+            src = self._dir(site) / ADAPT_REQUEST
+            taken = src.with_name(f"{TAKEN_PREFIX}{os.getpid()}-{ADAPT_REQUEST}")
+            try:
+                os.rename(src, taken)
+            except FileNotFoundError:
+                continue
+            try:
+                req = json.loads(taken.read_text())
+                req = req if isinstance(req, dict) else {}
+            except (OSError, ValueError):
+                req = {}
+            finally:
+                taken.unlink(missing_ok=True)
+            return {**req, "site": site}
+        return None
 
     def pending_request(self, site: str = DEFAULT_SITE) -> dict | None:
         try:
@@ -372,17 +394,46 @@ class FileState:
 
     def read_traffic(self, limit: int | None, site: str = DEFAULT_SITE) -> np.ndarray:
         self._check_site(site)
-        return self._store().read(limit=limit).embeddings
+        return self._store().read(limit=limit, site=site).embeddings
+
+    def _peek(self, sql: str, site: str) -> int:
+        from online.store import connect
+
+        if not self.store_path.is_file():
+            return 0
+        try:
+            con = connect(self.store_path)
+            try:
+                return int(con.execute(sql, (site,)).fetchone()[0])
+            finally:
+                con.close()
+        except Exception as e:  # a store still being created: nothing there yet
+            log.debug("cannot read %s: %s", self.store_path, e)
+            return 0
 
     def traffic_max_id(self, site: str = DEFAULT_SITE) -> int:
-        from online.store import peek_int
-
-        return peek_int(self.store_path, "SELECT COALESCE(MAX(id), 0) FROM samples")
+        return self._peek("SELECT COALESCE(MAX(id), 0) FROM samples WHERE site = ?", site)
 
     def traffic_count(self, site: str = DEFAULT_SITE) -> int:
-        from online.store import peek_int
+        return self._peek("SELECT COUNT(*) FROM samples WHERE site = ?", site)
 
-        return peek_int(self.store_path, "SELECT COUNT(*) FROM samples")
+    def ingest(self, upload: Any, site: str) -> int:
+        """Store an edge site's upload (online/hub.py `Upload`); DuplicateBatch if its batch
+        id was stored before."""
+        from online.store import StoreConfig, TrafficStore
+
+        self._check_site(site)
+        if self.store_off:
+            raise StateError("MP2A_STORE=off: this hub keeps no traffic")
+        config = StoreConfig.from_env(self.run, upload.embeddings.shape[1])
+        assert config is not None
+        store = TrafficStore(
+            StoreConfig(**{**config.__dict__, "path": self.store_path}), start=False
+        )
+        return store.ingest(
+            site, upload.batch_id, upload.embeddings, upload.labels, upload.confidences,
+            upload.versions, upload.times,
+        )  # fmt: skip
 
     # -- the one active worker -------------------------------------------------------------
     def try_lead(self) -> bool:

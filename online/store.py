@@ -55,14 +55,27 @@ CREATE TABLE IF NOT EXISTS samples (
     version TEXT NOT NULL,                 -- model version that served it
     label INTEGER NOT NULL,                -- predicted class index (artifact order)
     confidence REAL NOT NULL,              -- top-1 probability
-    embedding BLOB NOT NULL                -- (D,) float32, little-endian
+    embedding BLOB NOT NULL,               -- (D,) float32, little-endian
+    site TEXT NOT NULL DEFAULT ''          -- '' = this server's traffic; a hub: the edge site
 );
 CREATE INDEX IF NOT EXISTS samples_t ON samples (t);
 CREATE TABLE IF NOT EXISTS images (
     sample_id INTEGER PRIMARY KEY REFERENCES samples (id) ON DELETE CASCADE,
     data BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batches (       -- a hub: uploads already stored (idempotent ids)
+    site TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    t REAL NOT NULL,
+    PRIMARY KEY (site, batch_id)
+);
 """
+SITE_INDEX = "CREATE INDEX IF NOT EXISTS samples_site ON samples (site, id)"
+
+
+class DuplicateBatch(Exception):
+    """An upload whose batch id was stored before (the edge retried): nothing stored."""
 
 
 class StoreError(Exception):
@@ -212,6 +225,7 @@ class TrafficStore:
         self.config = config
         self.path = Path(config.path)
         self.metrics = metrics
+        self.on_evict: Any = None  # called with the rows a cap removed (an edge counts them)
         self.dropped = 0  # samples lost to a full queue or a failed write
         self._drop_lock = threading.Lock()
         self._rng = random.Random(config.seed)
@@ -236,6 +250,10 @@ class TrafficStore:
             if mode.lower() != "wal":
                 raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             con.executescript(SCHEMA)
+            cols = {r[1] for r in con.execute("PRAGMA table_info(samples)")}
+            if "site" not in cols:  # a store written before sites existed
+                con.execute("ALTER TABLE samples ADD COLUMN site TEXT NOT NULL DEFAULT ''")
+            con.execute(SITE_INDEX)
             con.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('dim', ?)", (str(self.config.dim),)
             )
@@ -388,13 +406,11 @@ class TrafficStore:
         c = self.config
         try:
             con.execute("BEGIN IMMEDIATE")
-            con.execute("DELETE FROM samples WHERE t < ?", (time.time() - c.max_age_s,))
-            # ids grow with insertion, so the row max_rows places below the newest is the cut
-            con.execute(
-                "DELETE FROM samples WHERE id <= "
-                "(SELECT id FROM samples ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (c.max_rows,),
-            )
+            # this server's own rows (a hub caps each site's rows when it stores them); ids
+            # grow with insertion, so the row max_rows places below the newest is the cut
+            before = con.total_changes
+            self._retain_site(con, "")
+            evicted = con.total_changes - before
             con.execute(
                 "DELETE FROM images WHERE sample_id <= "
                 "(SELECT sample_id FROM images ORDER BY sample_id DESC LIMIT 1 OFFSET ?)",
@@ -402,6 +418,8 @@ class TrafficStore:
             )
             con.execute("COMMIT")
             n = con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+            if evicted and self.on_evict is not None:
+                self.on_evict(evicted)
         except sqlite3.Error as e:
             if con.in_transaction:
                 con.execute("ROLLBACK")
@@ -428,9 +446,71 @@ class TrafficStore:
 
     # -- readers (the adaptation worker, tests) ---------------------------------------------
 
-    def count(self) -> int:
-        """Rows in the store (all processes' writes)."""
-        return read_int(self.path, "SELECT COUNT(*) FROM samples")
+    def count(self, site: str | None = None) -> int:
+        """Rows in the store (all processes' writes), of one site if given."""
+        if site is None:
+            return read_int(self.path, "SELECT COUNT(*) FROM samples")
+        con = connect(self.path)
+        try:
+            return int(
+                con.execute("SELECT COUNT(*) FROM samples WHERE site = ?", (site,)).fetchone()[0]
+            )
+        finally:
+            con.close()
+
+    def ingest(
+        self,
+        site: str,
+        batch_id: str,
+        embeddings: np.ndarray,
+        labels: np.ndarray,
+        confidences: np.ndarray,
+        versions: list[str],
+        times: np.ndarray,
+    ) -> int:
+        """Store an edge site's upload in one transaction (a hub); DuplicateBatch when the
+        batch id was stored before. Then the site's rows are capped like the server's own."""
+        rows = [
+            (float(t), str(v), int(lab), float(c), np.ascontiguousarray(e, "<f4").tobytes(), site)
+            for e, lab, c, v, t in zip(
+                embeddings, labels, confidences, versions, times, strict=True
+            )
+        ]
+        con = connect(self.path)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute(
+                    "INSERT INTO batches (site, batch_id, n, t) VALUES (?, ?, ?, ?)",
+                    (site, batch_id, len(rows), time.time()),
+                )
+            except sqlite3.IntegrityError:
+                con.execute("ROLLBACK")
+                raise DuplicateBatch(batch_id) from None
+            con.executemany(
+                "INSERT INTO samples (t, version, label, confidence, embedding, site) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            self._retain_site(con, site)
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+        return len(rows)
+
+    def _retain_site(self, con: sqlite3.Connection, site: str) -> None:
+        c = self.config
+        cutoff = time.time() - c.max_age_s
+        con.execute("DELETE FROM samples WHERE site = ? AND t < ?", (site, cutoff))
+        con.execute(
+            "DELETE FROM samples WHERE site = ? AND id <= (SELECT id FROM samples WHERE site = ? "
+            "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (site, site, c.max_rows),
+        )
 
     def image_count(self) -> int:
         return read_int(self.path, "SELECT COUNT(*) FROM images")
@@ -449,10 +529,14 @@ class TrafficStore:
         limit: int | None = None,
         since: float | None = None,
         version: str | None = None,
+        site: str | None = None,
     ) -> Traffic:
         """The newest `limit` samples (all if None) served at or after `since` (unix seconds),
         optionally only those served by `version`; oldest first."""
         where, args = [], []
+        if site is not None:
+            where.append("site = ?")
+            args.append(site)
         if since is not None:
             where.append("t >= ?")
             args.append(float(since))

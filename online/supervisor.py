@@ -80,8 +80,16 @@ class WorkerSupervisor:
     MAX_BACKOFF = 60.0
     HEALTHY_AFTER = 60.0
 
-    def __init__(self, run: Path, cmd: list[str], metrics_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        run: Path,
+        cmd: list[str],
+        metrics_dir: str | None = None,
+        label: str = "online adaptation worker",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.run, self.cmd, self.metrics_dir = run, cmd, metrics_dir
+        self.label, self.extra_env = label, env or {}
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.backoff = 1.0
@@ -102,10 +110,10 @@ class WorkerSupervisor:
         return None if cmd is None else cls(run, cmd, metrics_dir)
 
     def start(self) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         if self.metrics_dir is not None:  # the server's: /metrics shows the worker's figures
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
-        print("mp2a: online adaptation worker: " + " ".join(self.cmd[1:]), file=sys.stderr)
+        print(f"mp2a: {self.label}: " + " ".join(self.cmd[1:]), file=sys.stderr)
         self.proc = subprocess.Popen(self.cmd, env=env, cwd=str(REPO_ROOT))
         self.started = time.monotonic()
         self.restart_at = None
@@ -121,7 +129,7 @@ class WorkerSupervisor:
                 self.backoff = 1.0
             self.restart_at = now + self.backoff
             print(
-                f"mp2a: adaptation worker exited ({code}); restarting in {self.backoff:.0f} s",
+                f"mp2a: {self.label} exited ({code}); restarting in {self.backoff:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -140,3 +148,23 @@ class WorkerSupervisor:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def edge_supervisor(run: Path, hub: str, site: str, metrics_dir: str | None) -> WorkerSupervisor:
+    """`python -m online.edge RUN` (uploads and head polls of an edge), supervised like the
+    worker. The hub's URL, the site and the token reach it through the environment; a bad
+    one is refused here, before anything starts (one line)."""
+    from online.edge import EdgeConfig
+
+    env = {"MP2A_HUB": hub, "MP2A_SITE": site}
+    try:
+        EdgeConfig.from_env({**os.environ, **env})
+    except ValueError as e:
+        raise Mp2aError(str(e)) from None
+    store = os.environ.get("MP2A_STORE", "").strip()
+    if store.lower() == "off":
+        raise Mp2aError("an edge buffers its traffic for the hub: unset MP2A_STORE=off")
+    cmd = [sys.executable, "-m", "online.edge", str(run.resolve())]
+    if store:
+        cmd += ["--store", str(Path(store).resolve())]
+    return WorkerSupervisor(run, cmd, metrics_dir, label="edge sync", env=env)

@@ -433,6 +433,17 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
     return status
 
 
+def _sites(state: State) -> list[str]:
+    """The server's own line, and a hub's sites (MP2A_EDGE_TOKENS and those with a line)."""
+    from online.hub import EdgeTokens
+
+    configured = EdgeTokens.from_env(os.environ)
+    extra = set(configured.sites) if configured is not None else set()
+    with contextlib.suppress(StateError):
+        extra |= set(state.sites())
+    return [DEFAULT_SITE, *sorted(extra - {DEFAULT_SITE})]
+
+
 def loop(
     state: State,
     cfg: WorkerConfig | None = None,
@@ -441,15 +452,16 @@ def loop(
     poll: float = 1.0,
     max_iterations: int | None = None,
 ) -> list[dict]:
-    """Wait for work and run it: a POST /adapt request (any site), every `interval` s, or
-    `min_new` new samples since the last run (scheduled runs are for the server's own line
-    and wait until the store holds cfg.min_samples). Only the one worker that holds the
-    state's lead runs anything; the others wait and take over when it dies. Returns the
-    statuses of the runs made (for tests; forever unless max_iterations)."""
+    """Wait for work and run it: a POST /adapt request (any site), or on a schedule, per
+    site (the server's own line and a hub's edge sites): every `interval` s, or once `min_new`
+    samples of that site arrived since its last run, and only when the site's store holds
+    cfg.min_samples (a site with too little traffic keeps the base head). Only the one worker
+    that holds the state's lead runs anything; the others wait and take over when it dies.
+    Returns the statuses of the runs made (for tests; forever unless max_iterations)."""
     cfg = cfg or WorkerConfig()
     leading = False
-    last_run = time.monotonic()
-    last_id = 0
+    last_run: dict[str, float] = {}
+    last_id: dict[str, int] = {}
     done: list[dict] = []
     i = 0
     while max_iterations is None or i < max_iterations:
@@ -462,18 +474,24 @@ def loop(
                     continue
                 leading = True
                 log.info("this worker leads (%s)", state.describe())
-                recover(state)
-                last_run, last_id = time.monotonic(), state.traffic_max_id()
+                for site in _sites(state):
+                    recover(state, site)
+                    last_run[site], last_id[site] = time.monotonic(), state.traffic_max_id(site)
             req = state.take_request()
             site, reason = DEFAULT_SITE, None
             if req is not None:
-                reason, site = "request", req.pop("site", DEFAULT_SITE)
+                reason, site = "request", req.pop("site", DEFAULT_SITE) or DEFAULT_SITE
             else:
-                due = interval is not None and time.monotonic() - last_run >= interval
-                newest = state.traffic_max_id() if min_new is not None else 0
-                fresh = min_new is not None and newest - last_id >= min_new
-                if (due or fresh) and state.traffic_count() >= cfg.min_samples:
-                    reason = "schedule" if due else "new samples"
+                for candidate in _sites(state):
+                    last_run.setdefault(candidate, time.monotonic())
+                    last_id.setdefault(candidate, 0)
+                    elapsed = time.monotonic() - last_run[candidate]
+                    due = interval is not None and elapsed >= interval
+                    newest = state.traffic_max_id(candidate) if min_new is not None else 0
+                    fresh = min_new is not None and newest - last_id[candidate] >= min_new
+                    if (due or fresh) and state.traffic_count(candidate) >= cfg.min_samples:
+                        reason, site = ("schedule" if due else "new samples"), candidate
+                        break
         except StateError as e:  # the database went away: keep trying, never crash
             log.warning("state unavailable (%s); retrying", e)
             leading = False
@@ -482,8 +500,8 @@ def loop(
         if reason is None:
             continue
         log.info("adaptation run (%s, site %r)", reason, site)
-        if site == DEFAULT_SITE:
-            last_id = state.traffic_max_id()
+        with contextlib.suppress(StateError):
+            last_id[site] = state.traffic_max_id(site)
         request = {"trigger": reason, **(req or {})}
         try:  # the server checked them; a hand-written request may not have been
             run_cfg = dataclasses.replace(cfg, **request_overrides(request.get("settings")))
@@ -502,7 +520,7 @@ def loop(
                 m.adaptation_runs.labels(outcome="failed").inc()
         else:
             status = run_once(state, run_cfg, request=request, site=site)
-        last_run = time.monotonic()
+        last_run[site] = time.monotonic()
         done.append(status)
     return done
 

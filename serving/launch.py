@@ -17,7 +17,8 @@ from pathlib import Path
 
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError, Mp2aError
-from online.supervisor import WorkerSupervisor
+from online.hub import EdgeTokens
+from online.supervisor import WorkerSupervisor, edge_supervisor
 from serving.backends import BACKENDS, ENCODERS, EXPORT_FORMAT, encoder_path
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,11 @@ def serve(
     host: str = "0.0.0.0",
     backend: str = "ort",
     precision: str = "fp32",
+    hub: str | None = None,
+    site: str | None = None,
 ) -> int:
-    """Serve `run` until interrupted; returns the server's exit code."""
+    """Serve `run` until interrupted; returns the server's exit code. With `hub` and `site`,
+    the server is an edge of that hub (uploads its traffic, installs the site's heads)."""
     if backend not in BACKENDS:
         raise Mp2aError(f"unknown backend {backend!r}. Available: {', '.join(BACKENDS)}")
     if precision not in ENCODERS:
@@ -120,6 +124,22 @@ def serve(
     else:
         load_artifact(run)
     check_state(run)
+    supervisors = []
+    env = serve_env(run, backend, precision)
+    if (hub is None) != (site is None):
+        raise Mp2aError("an edge needs both --hub URL and --site NAME")
+    if hub is not None and site is not None:
+        if os.environ.get("MP2A_ONLINE", "").strip() == "1":
+            raise Mp2aError(
+                "an edge adapts through its hub: unset MP2A_ONLINE (the hub runs the worker)"
+            )
+        edge = edge_supervisor(run, hub, site, bentoml_prometheus_dir())
+        env.update(edge.extra_env)
+        supervisors.append(edge)
+    try:
+        EdgeTokens.from_env(os.environ)
+    except ValueError as e:
+        raise Mp2aError(str(e)) from None
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(
         f"mp2a: serving {run} ({backend}, {precision}) on http://{shown}:{port}\n"
@@ -127,24 +147,25 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    supervisor = WorkerSupervisor.from_env(
-        run, bentoml_prometheus_dir()
-    )  # a bad MP2A_ADAPT_* value fails here
+    # a bad MP2A_ADAPT_* value fails here, before anything starts
+    worker = WorkerSupervisor.from_env(run, bentoml_prometheus_dir())
+    if worker is not None:
+        supervisors.append(worker)
     # SIGTERM (docker stop, systemd, kill) stops like Ctrl-C: the server and the worker are
     # shut down with us instead of being left running as orphans. SIGINT is set too: a shell
     # starts background jobs with it ignored, and a Python started so never installs its own.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    proc = subprocess.Popen(serve_command(port, host), env=serve_env(run, backend, precision))
+    proc = subprocess.Popen(serve_command(port, host), env=env)
     try:
-        if supervisor is not None:
-            supervisor.start()
+        for sup in supervisors:
+            sup.start()
         while True:
             try:
                 return proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
-                if supervisor is not None:
-                    supervisor.check()
+                for sup in supervisors:
+                    sup.check()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         try:
@@ -153,5 +174,5 @@ def serve(
             proc.kill()
         raise
     finally:
-        if supervisor is not None:
-            supervisor.stop()
+        for sup in supervisors:
+            sup.stop()

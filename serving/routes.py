@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hmac
+import json
 import os
 import uuid
 from typing import Any, Literal
@@ -21,12 +22,15 @@ from typing import Any, Literal
 import bentoml
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from mp2a.errors import ArtifactError
 from online import worker
+from online.hub import MAX_UPLOAD_BYTES, UploadError, parse_upload, site_head
 from online.state import DEFAULT_SITE, MAX_DECISIONS, StateError
+from online.store import DuplicateBatch
 
 ADAPT_BODY_LIMIT = 4096  # POST /adapt's optional JSON settings
 
@@ -58,6 +62,13 @@ class RollbackResponse(BaseModel):
     previous: str = Field(description="the version withdrawn")
 
 
+ROLLBACK_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"site": {"type": "string", "description": "a hub: the site to roll back"}},
+}
+
+
 # POST /adapt's body as JSON Schema: what online/worker.py `request_overrides` accepts
 ADAPT_BODY = {
     "type": "object",
@@ -66,6 +77,7 @@ ADAPT_BODY = {
     "additionalProperties": False,
     "properties": {
         "method": {"type": "string", "enum": list(worker.METHODS)},
+        "site": {"type": "string", "description": "a hub: the edge site to adapt"},
         **{
             name: {"type": "integer", "minimum": bounds[0], "maximum": bounds[1]}
             for name, bounds in worker.REQUEST_SETTINGS.items()
@@ -81,6 +93,7 @@ class AdaptRequested(BaseModel):
     requested_at: str
     serving_version: str
     settings: dict[str, Any] | None
+    site: str
     message: str
 
 
@@ -110,6 +123,52 @@ def _svc():
 
 def _not_loaded() -> JSONResponse:
     return _err(503, "the model is not loaded yet; retry shortly")
+
+
+def _site(svc: Any, site: str | None) -> str | JSONResponse:
+    """'' (the server's own line) or a site this hub has a token for; else a 404 answer."""
+    if not site:
+        return DEFAULT_SITE
+    tokens = svc.edge_tokens
+    if tokens is None:
+        return _err(
+            404,
+            f"site {site!r}: this server is not a hub (start it with MP2A_EDGE_TOKENS=site=token,"
+            "… to adapt edge sites)",
+        )
+    if site not in tokens.tokens:
+        return _err(404, f"unknown site {site!r}; this hub's sites: {', '.join(tokens.sites)}")
+    return site
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` bytes."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            return None
+    return raw
+
+
+def _edge_site(request: Request, svc: Any) -> str | JSONResponse:
+    """The site whose edge token the request carries; 404 off a hub, 401 without a token."""
+    tokens = svc.edge_tokens
+    if tokens is None:
+        return _err(
+            404,
+            "this server is not a hub: edges upload to and poll a server started with "
+            "MP2A_EDGE_TOKENS=site=token,…",
+        )
+    site = tokens.site_of(request.headers.get("authorization", ""))
+    if site is None:
+        return _err(
+            401,
+            "missing or unknown edge token: send 'Authorization: Bearer <the site's token>' "
+            "(MP2A_EDGE_TOKEN on the edge, one of MP2A_EDGE_TOKENS on the hub)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return site
 
 
 def admin_refusal(request: Request) -> JSONResponse | None:
@@ -159,32 +218,53 @@ def model_info():
 @app.post(
     "/rollback",
     response_model=RollbackResponse,
-    responses=_errors(401, 403, 409, 500, 503),
-    openapi_extra={"security": [{"bearer": []}]},
+    responses=_errors(400, 401, 403, 404, 409, 413, 500, 503),
+    openapi_extra={
+        "security": [{"bearer": []}],
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": ROLLBACK_BODY}},
+        },
+    },
 )
-def rollback(request: Request):
-    """Serve the served version's parent again (admin)."""
+async def rollback(request: Request):
+    """Serve the served version's parent again (admin); a hub: `{"site": …}` rolls one site
+    back and leaves the others alone."""
     if (refused := admin_refusal(request)) is not None:
         return refused
     svc = _svc()
     if svc is None:
         return _not_loaded()
-    before = svc.predictor.version
+    raw = await _read_body(request, ADAPT_BODY_LIMIT)
+    if raw is None:
+        return _err(413, f"POST /rollback body over {ADAPT_BODY_LIMIT} bytes")
     try:
-        svc.state.rollback(DEFAULT_SITE)
+        body = json.loads(raw) if raw.strip() else {}
+        if not isinstance(body, dict) or set(body) - {"site"}:
+            raise ValueError('send no body, or {"site": "<site>"}')
+    except ValueError as e:
+        return _err(400, f"POST /rollback body: {e}")
+    site = _site(svc, body.get("site"))
+    if isinstance(site, JSONResponse):
+        return site
+    try:
+        before = svc.predictor.version if not site else str(svc.state.load_current(site).version)
+        now = svc.state.rollback(site)
     except ArtifactError as e:
         return _err(409, str(e))
     except (OSError, StateError) as e:
         return _err(500, f"cannot roll back: {e}")
-    svc.watcher.check(force=True)  # this worker answers with the new version at once
-    return JSONResponse({"version": svc.predictor.version, "previous": before})
+    if not site:
+        svc.watcher.check(force=True)  # this worker answers with the new version at once
+        now = svc.predictor.version
+    return JSONResponse({"version": str(now), "previous": before})
 
 
 @app.post(
     "/adapt",
     status_code=202,
     response_model=AdaptRequested,
-    responses=_errors(400, 401, 403, 413, 500, 503),
+    responses=_errors(400, 401, 403, 404, 413, 500, 503),
     openapi_extra={
         "security": [{"bearer": []}],
         "requestBody": {"required": False, "content": {"application/json": {"schema": ADAPT_BODY}}},
@@ -197,26 +277,33 @@ async def adapt(request: Request):
     svc = _svc()
     if svc is None:
         return _not_loaded()
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > ADAPT_BODY_LIMIT:
-            return _err(413, f"POST /adapt body over {ADAPT_BODY_LIMIT} bytes; send a small JSON")
-    import json
-
+    raw = await _read_body(request, ADAPT_BODY_LIMIT)
+    if raw is None:
+        return _err(413, f"POST /adapt body over {ADAPT_BODY_LIMIT} bytes; send a small JSON")
     try:
         body = json.loads(raw) if raw.strip() else None
+        site_name = body.pop("site", None) if isinstance(body, dict) else None
+        if site_name is not None and not isinstance(site_name, str):
+            raise ValueError("site must be a string")
         settings = worker.request_overrides(body)
     except ValueError as e:  # json.JSONDecodeError is a ValueError
         return _err(400, f"POST /adapt body: {e}. Send no body for the default run.")
+    site = _site(svc, site_name)
+    if isinstance(site, JSONResponse):
+        return site
+    try:
+        serving = svc.predictor.version if not site else str(svc.state.load_current(site).version)
+    except (ArtifactError, StateError) as e:
+        return _err(500, f"cannot read the site's version: {e}")
     req = {
         "id": uuid.uuid4().hex,
         "requested_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "serving_version": svc.predictor.version,
+        "serving_version": serving,
         "settings": settings or None,
+        "site": site,
     }
     try:
-        svc.state.request_adapt(req, DEFAULT_SITE)
+        svc.state.request_adapt(req, site)
     except (OSError, StateError) as e:
         return _err(500, f"cannot store the request: {e}")
     message = (
@@ -227,35 +314,162 @@ async def adapt(request: Request):
     return JSONResponse({"status": "requested", **req, "message": message}, status_code=202)
 
 
-@app.get("/adapt/status", response_model=AdaptStatus, responses=_errors(500, 503))
-def adapt_status():
+@app.get("/adapt/status", response_model=AdaptStatus, responses=_errors(404, 500, 503))
+def adapt_status(site: str = Query("", description="a hub: the edge site")):
     """The last adaptation run (idle, running, accepted, rejected, failed) with its figures."""
     svc = _svc()
     if svc is None:
         return _not_loaded()
+    site = _site(svc, site)
+    if isinstance(site, JSONResponse):
+        return site
     try:
-        status = svc.state.read_status(DEFAULT_SITE)
-        pending = svc.state.pending_request(DEFAULT_SITE)
-    except StateError as e:
+        status = svc.state.read_status(site)
+        pending = svc.state.pending_request(site)
+        serving = svc.predictor.version if not site else str(svc.state.load_current(site).version)
+    except (StateError, ArtifactError) as e:
         return _err(500, f"cannot read the adaptation status: {e}")
     if status is None:
         status = {"state": "idle", "detail": "no adaptation has run"}
     if status.get("state") not in ("idle", "running", "accepted", "rejected", "failed"):
         status = {**status, "state": "unknown"}
-    return JSONResponse(
-        {**status, "pending_request": pending, "serving_version": svc.predictor.version}
-    )
+    return JSONResponse({**status, "pending_request": pending, "serving_version": serving})
 
 
-@app.get("/adapt/history", response_model=AdaptHistory, responses=_errors(400, 500, 503))
+@app.get("/adapt/history", response_model=AdaptHistory, responses=_errors(400, 404, 500, 503))
 def adapt_history(
     limit: int = Query(50, ge=1, le=MAX_DECISIONS, description="newest outcomes to return"),
+    site: str = Query("", description="a hub: the edge site"),
 ):
     """Recorded adaptation outcomes (accepted, rejected, failed), newest first."""
     svc = _svc()
     if svc is None:
         return _not_loaded()
+    site = _site(svc, site)
+    if isinstance(site, JSONResponse):
+        return site
     try:
-        return JSONResponse({"decisions": svc.state.decisions(limit, DEFAULT_SITE)})
+        return JSONResponse({"decisions": svc.state.decisions(limit, site)})
     except StateError as e:
         return _err(500, f"cannot read the adaptation history: {e}")
+
+
+class TrafficAccepted(BaseModel):
+    site: str
+    batch_id: str
+    accepted: int
+
+
+TRAFFIC_BODY = {
+    "type": "object",
+    "required": ["batch_id", "samples"],
+    "additionalProperties": False,
+    "properties": {
+        "batch_id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "site": {"type": "string", "description": "optional; must be the token's site"},
+        "samples": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["embedding", "label", "confidence", "version", "t"],
+                "properties": {
+                    "embedding": {
+                        "type": "string",
+                        "format": "byte",
+                        "description": "base64 of D little-endian float32",
+                    },
+                    "label": {"type": "integer", "minimum": 0},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                    "version": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "t": {"type": "number"},
+                },
+            },
+        },
+    },
+}
+
+
+@app.post(
+    "/traffic",
+    response_model=TrafficAccepted,
+    responses=_errors(400, 401, 403, 404, 409, 413, 422, 500, 503),
+    openapi_extra={
+        "security": [{"bearer": []}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TRAFFIC_BODY}},
+        },
+    },
+)
+async def traffic(request: Request):
+    """A hub: store a batch of an edge site's traffic (embeddings, predicted labels,
+    confidences; the edge token names the site). A batch id stored before is refused (409):
+    a retry never stores twice."""
+    svc = _svc()
+    if svc is None:
+        return _not_loaded()
+    site = _edge_site(request, svc)
+    if isinstance(site, JSONResponse):
+        return site
+    raw = await _read_body(request, MAX_UPLOAD_BYTES)
+    if raw is None:
+        return _err(413, f"upload over {MAX_UPLOAD_BYTES // 2**20} MiB; send smaller batches")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        return _err(400, f"the body is not JSON: {e}")
+    if isinstance(body, dict) and body.get("site", site) != site:
+        return _err(
+            403, f"this token belongs to site {site!r}; it cannot upload as {body.get('site')!r}"
+        )
+    art = svc.predictor.art
+    try:
+        upload = parse_upload(body, art.backbone.embed_dim, len(art.classes))
+        n = await run_in_threadpool(svc.state.ingest, upload, site)
+    except UploadError as e:
+        return _err(e.status, str(e))
+    except DuplicateBatch:
+        return _err(409, f"batch {upload.batch_id!r} of site {site!r} was stored before")
+    except StateError as e:
+        return _err(500, f"cannot store the upload: {e}")
+    if svc.hub_metrics is not None:
+        svc.hub_metrics.received.labels(site=site).inc(n)
+    return JSONResponse({"site": site, "batch_id": upload.batch_id, "accepted": n})
+
+
+class SiteHead(BaseModel):
+    site: str
+    version: int
+    parent_version: int | None
+    created_at: str | None
+    method: str | None
+    head_rows: list[dict[str, Any]] | None
+    sha256: str
+    head: str = Field(description="base64 of the head's safetensors bytes")
+
+
+@app.get(
+    "/sites/{site}/model",
+    response_model=SiteHead,
+    responses={**_errors(401, 403, 404, 500, 503), 304: {"description": "not modified"}},
+    openapi_extra={"security": [{"bearer": []}]},
+)
+def site_model(site: str, request: Request):
+    """A hub: the site's current head, with an ETag (If-None-Match: 304)."""
+    svc = _svc()
+    if svc is None:
+        return _not_loaded()
+    mine = _edge_site(request, svc)
+    if isinstance(mine, JSONResponse):
+        return mine
+    if mine != site:
+        return _err(403, f"this token belongs to site {mine!r}; it cannot read site {site!r}")
+    try:
+        art = svc.state.load_current(site)
+    except (StateError, ArtifactError) as e:
+        return _err(500, f"cannot read the site's head: {e}")
+    body, etag = site_head(art, site)
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return JSONResponse(body, headers={"ETag": etag})

@@ -45,7 +45,13 @@ from starlette.responses import JSONResponse, Response
 
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError
-from mp2a.metrics import ensure_multiprocess_dir, get_metrics, unseen_by_bentoml
+from mp2a.metrics import (
+    ensure_multiprocess_dir,
+    get_hub_metrics,
+    get_metrics,
+    unseen_by_bentoml,
+)
+from online.hub import EdgeTokens
 from online.state import DEFAULT_SITE, StateError, open_state
 from online.swap import VersionWatcher
 from serving import routes
@@ -123,6 +129,14 @@ class Mp2aService:
         )
         metrics = get_metrics()
         self.store = self.state.open_store(base.backbone.embed_dim, metrics)
+        # a hub (MP2A_EDGE_TOKENS): edge sites upload here and poll their heads
+        self.edge_tokens = EdgeTokens.from_env(os.environ)
+        self.hub_metrics = (
+            None if self.edge_tokens is None else get_hub_metrics(tuple(self.edge_tokens.sites))
+        )
+        # an edge (MP2A_HUB): the store is the upload buffer; what its cap evicts is lost
+        if os.environ.get("MP2A_HUB") and self.store is not None:
+            self.store.on_evict = metrics.traffic_dropped.inc
         self.predictor = Predictor(
             art,
             backend,
