@@ -118,6 +118,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from benchmarks.serving import run as run_serving
 
         result = run_serving(quick=args.quick)
+    elif args.what == "edge":
+        from benchmarks.edge import run as run_edge
+
+        result = run_edge(quick=args.quick, work=Path(args.work) if args.work else None)
     elif args.what == "fleet":
         from benchmarks.fleet import run as run_fleet
 
@@ -198,14 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=_cmd_serve)
 
     bn = sub.add_parser("bench", help="benchmarks; figures as one JSON object on stdout")
-    bn.add_argument("what", choices=["adapt", "export", "serving", "online", "fleet"])
+    bn.add_argument("what", choices=["adapt", "export", "serving", "online", "fleet", "edge"])
     bn.add_argument("--json", action="store_true", help="compact JSON (one line)")
     bn.add_argument("--quick", action="store_true", help="small models only")
     bn.add_argument("--method", help="online: the worker's method, mp2a-t (default) or mp2a")
     bn.add_argument(
         "--source-margin", type=float, help="online: the gate's source-accuracy margin (0.05)"
     )
-    bn.add_argument("--work", help="online, fleet: keep the work folder (online: reuse it)")
+    bn.add_argument("--work", help="online, fleet, edge: keep the work folder (online: reuse it)")
     bn.set_defaults(func=_cmd_bench)
 
     pt = sub.add_parser("pretrain-tiny", help="re-train the embedded tiny CLIP from scratch")

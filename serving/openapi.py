@@ -6,6 +6,8 @@ short of what they really do: the uploads are checked before BentoML sees them
 (serving/guard.py) and answer 400, 413, 415, 422 and 503 with `{"error": …}`, an upload must
 not be empty and a batch holds 1 to MP2A_MAX_BATCH_IMAGES images. `document` adds that, and
 the bearer scheme of the admin routes; `OpenAPIDocument` serves it in place of BentoML's.
+The routes only a hub answers (edge uploads and site heads) are listed only by a hub: on
+any other server they do not exist (404).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -21,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 log = logging.getLogger(__name__)
 
 DOC_PATH = "/docs.json"
+HUB_ONLY = ("/traffic", "/sites/{site}/model")
 ERROR = {"$ref": "#/components/schemas/ErrorBody"}
 PREDICT_ERRORS = {
     400: "a malformed form, a missing or empty field, an image that does not decode",
@@ -32,10 +36,14 @@ PREDICT_ERRORS = {
 }
 
 
-def document(spec: dict[str, Any], max_batch_images: int) -> dict[str, Any]:
-    """`spec` (BentoML's, as a dict) with the prediction routes described as they behave."""
+def document(spec: dict[str, Any], max_batch_images: int, hub: bool) -> dict[str, Any]:
+    """`spec` (BentoML's, as a dict) with the prediction routes described as they behave;
+    without the hub's routes unless `hub`."""
     spec = json.loads(json.dumps(spec))  # a plain copy; response codes become strings
     paths = spec["paths"]
+    if not hub:
+        for path in HUB_ONLY:
+            paths.pop(path, None)
     for path, field, many in (("/predict", "image", False), ("/predict_batch", "images", True)):
         op = paths[path]["post"]
         schema = op["requestBody"]["content"]["multipart/form-data"]["schema"]
@@ -72,7 +80,8 @@ class OpenAPIDocument:
     @functools.cached_property
     def body(self) -> dict[str, Any] | None:
         try:
-            return document(self.service.openapi_spec.asdict(), self.max_batch_images)
+            hub = bool(os.environ.get("MP2A_EDGE_TOKENS", "").strip())
+            return document(self.service.openapi_spec.asdict(), self.max_batch_images, hub)
         except Exception:  # BentoML's own document is still better than none
             log.exception("cannot amend the OpenAPI document; serving BentoML's")
             return None

@@ -242,6 +242,8 @@ async def rollback(request: Request):
         body = json.loads(raw) if raw.strip() else {}
         if not isinstance(body, dict) or set(body) - {"site"}:
             raise ValueError('send no body, or {"site": "<site>"}')
+        if not isinstance(body.get("site", ""), str):
+            raise ValueError('site must be a string: {"site": "<site>"}')
     except ValueError as e:
         return _err(400, f"POST /rollback body: {e}")
     site = _site(svc, body.get("site"))

@@ -14,8 +14,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,8 +24,9 @@ from typing import ClassVar
 import httpx
 import numpy as np
 import pytest
-from test_serving_server import descendants, free_port, predict_ok, wait_http
+from test_serving_server import predict_ok
 
+from benchmarks.procs import ServerProcess
 from mp2a import versions
 from mp2a.errors import ArtifactError
 from mp2a.head import Head
@@ -40,44 +39,8 @@ TOKENS = {"north": "n" * 32, "south": "s" * 32, "east": "e" * 32}
 STYLES = {"north": "printed", "south": "handwritten", "east": "textured"}
 
 
-class Server:
-    """`mp2a serve …` in its own session, so the test can kill -9 all of it."""
-
-    def __init__(self, cmd: list[str], env: dict, log: Path) -> None:
-        self.cmd, self.env, self.log = cmd, env, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        out = open(self.log, "ab")  # noqa: SIM115 - the server writes to it while it lives
-        self.proc = subprocess.Popen(
-            [*self.cmd, "--port", str(self.port)],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_http(self.url + "/readyz", self.proc, self.log)
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        for pid in descendants(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+def client(server: ServerProcess) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=60)
 
 
 def copy_run(src: Path, dst: Path) -> Path:
@@ -94,7 +57,9 @@ def wait_for(what: str, check, timeout: float = 60.0):
 
 
 @contextlib.contextmanager
-def fleet(street_run: Path, tmp: Path) -> Iterator[tuple[Server, dict[str, Server], Path]]:
+def fleet(
+    street_run: Path, tmp: Path
+) -> Iterator[tuple[ServerProcess, dict[str, ServerProcess], Path]]:
     hub_run = copy_run(street_run, tmp / "hub-run")
     base_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
     hub_env = {
@@ -110,8 +75,9 @@ def fleet(street_run: Path, tmp: Path) -> Iterator[tuple[Server, dict[str, Serve
         "MP2A_ADAPT_MIN_NEW": str(10**9),
     }
     cmd = [sys.executable, "-m", "mp2a", "serve"]
-    hub = Server([*cmd, str(hub_run), "--host", "127.0.0.1"], hub_env, tmp / "hub.log").start()
-    edges: dict[str, Server] = {}
+    hub_cmd = [*cmd, str(hub_run), "--host", "127.0.0.1"]
+    hub = ServerProcess(hub_cmd, hub_env, tmp / "hub.log").start()
+    edges: dict[str, ServerProcess] = {}
     try:
         for site in TOKENS:
             run = copy_run(street_run, tmp / f"edge-{site}")
@@ -122,7 +88,7 @@ def fleet(street_run: Path, tmp: Path) -> Iterator[tuple[Server, dict[str, Serve
                 "MP2A_EDGE_POLL_S": "0.5",
             }
             args = [str(run), "--host", "127.0.0.1", "--hub", hub.url, "--site", site]
-            edges[site] = Server([*cmd, *args], env, tmp / f"edge-{site}.log").start()
+            edges[site] = ServerProcess([*cmd, *args], env, tmp / f"edge-{site}.log").start()
         yield hub, edges, hub_run
     finally:
         for s in [*edges.values(), hub]:
@@ -134,9 +100,11 @@ def test_a_hub_and_three_edges(street_run, digits_small, tmp_path):
         state = FileState(hub_run)
         images = {s: sorted(digits_small.glob(f"{STYLES[s]}/*/*.png")) for s in edges}
         for site, edge in edges.items():
-            with edge.client() as c:
+            with client(edge) as c:
                 for f in images[site]:
                     predict_ok(c, f)
+                # the hub's routes are not an edge's: its document leaves them out
+                assert "/traffic" not in c.get("/docs.json").json()["paths"]
         for site in edges:
             wait_for(
                 f"{site}'s traffic at the hub",
@@ -148,7 +116,7 @@ def test_a_hub_and_three_edges(street_run, digits_small, tmp_path):
         dim = state.load_current().backbone.embed_dim
         now = [time.time()]
         one = encode_samples(np.ones((1, dim), np.float32) / dim**0.5, [0], [0.5], ["1"], now)
-        with hub.client() as c:
+        with client(hub) as c:
 
             def up(token: str | None, body: dict):
                 h = {"Authorization": f"Bearer {token}"} if token else {}
@@ -195,11 +163,11 @@ def test_a_hub_and_three_edges(street_run, digits_small, tmp_path):
                 prompt_config=None, rows=None, site="north",
             )  # fmt: skip
             assert v == 2
-            with edges["north"].client() as e:
+            with client(edges["north"]) as e:
                 wait_for("north swapped", lambda: e.get("/model").json()["version"] == "2", 15)
                 assert predict_ok(e, images["north"][0])["model_version"] == "2"
             for site in ("south", "east"):
-                with edges[site].client() as e:
+                with client(edges[site]) as e:
                     assert e.get("/model").json()["version"] == "1"
             etag = c.get("/sites/north/model", headers={"Authorization": f"Bearer {n}"})
             assert etag.status_code == 200 and etag.json()["version"] == 2
@@ -211,7 +179,7 @@ def test_a_hub_and_three_edges(street_run, digits_small, tmp_path):
             admin = {"Authorization": f"Bearer {ADMIN}"}
             r = c.post("/rollback", json={"site": "north"}, headers=admin)
             assert r.status_code == 200 and r.json() == {"version": "1", "previous": "2"}
-            with edges["north"].client() as e:
+            with client(edges["north"]) as e:
                 wait_for("north rolled back", lambda: e.get("/model").json()["version"] == "1", 15)
             assert c.get("/model").json()["version"] == "1"  # the hub's own line untouched
             assert c.post("/rollback", json={"site": "nowhere"}, headers=admin).status_code == 404
@@ -240,7 +208,7 @@ def test_a_hub_and_three_edges(street_run, digits_small, tmp_path):
         hub.kill9()
         extra = 0
         for site, edge in edges.items():
-            with edge.client() as e:
+            with client(edge) as e:
                 for f in images[site][:20]:
                     predict_ok(e, f)
             extra = 20
@@ -257,7 +225,7 @@ def test_a_hub_and_three_edges(street_run, digits_small, tmp_path):
         for site in edges:
             buffer = FileState(hub_run.parent / f"edge-{site}")
             wait_for(f"{site}'s buffer empty", lambda b=buffer: b.traffic_count("") == 0, 30)
-        with edges["north"].client() as e:
+        with client(edges["north"]) as e:
             metrics = e.get("/metrics").text
         for name in ("mp2a_edge_buffer_samples", "mp2a_edge_uploaded_total"):
             assert name in metrics, name
