@@ -17,6 +17,11 @@
 # mount RUN as a volume shared with a second container that has `pip install mp2a[train]`
 # and runs `python -m online.worker /app/runs/default`; the server hot-swaps what the worker
 # publishes. Give this one MP2A_ADMIN_TOKEN to enable POST /adapt and POST /rollback.
+#
+# An edge site adapted by a hub (no worker here at all): run it as
+#   docker run -e MP2A_EDGE_TOKEN=<the site's token> -p 3000:3000 mp2a python3 -m mp2a serve \
+#       /app/runs/default --host 0.0.0.0 --port 3000 --hub http://<hub>:3000 --site <site>
+# (deploy/docker-compose.yml has one; serving/README.md describes the topology).
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -32,7 +37,7 @@ ENV PYTHONUNBUFFERED=1 \
 # the pins of bentofile.yaml's python.packages (pyproject: core dependencies + [serve])
 RUN python3 -m pip install \
         "numpy>=1.26" "pillow>=10.1" "safetensors>=0.4" \
-        "bentoml>=1.4,<1.5" "${ORT_PACKAGE}>=1.20" "prometheus-client>=0.20"
+        "bentoml>=1.4,<1.5" "fastapi>=0.115" "${ORT_PACKAGE}>=1.20" "prometheus-client>=0.20"
 
 RUN useradd --create-home --uid 1000 mp2a
 WORKDIR /app

@@ -60,10 +60,12 @@ class EdgePlan:
     probe_rate: float = 20.0
     buffer_cap: int = 1000  # MP2A_STORE_MAX_ROWS of the probed edge: below the outage's samples
     batch: int = 32
+    steps_per_stage: int = 100  # of the base artifact's adaptation (3 stages)
 
     @classmethod
     def quick(cls) -> EdgePlan:
-        return cls(per_class=8, stream_per_class=10, down_seconds=4, probe_seconds=3, buffer_cap=50)
+        return cls(per_class=8, stream_per_class=10, down_seconds=4, probe_seconds=3, buffer_cap=50,
+                   steps_per_stage=20)  # fmt: skip
 
 
 def _prepare(plan: EdgePlan, work: Path) -> tuple[Path, Path, Path]:
@@ -75,7 +77,8 @@ def _prepare(plan: EdgePlan, work: Path) -> tuple[Path, Path, Path]:
           "--per-class", str(plan.stream_per_class), "--domains", ",".join(SITES.values()),
           "--quiet")  # fmt: skip
     _mp2a("adapt", "--data", str(data), "--target", "printed", "--sources", "textured,street",
-          "--method", "mp2a", "--out", str(run), "--stages", "3", "--steps-per-stage", "100",
+          "--method", "mp2a", "--out", str(run), "--stages", "3",
+          "--steps-per-stage", str(plan.steps_per_stage),
           "--no-cache", "--quiet")  # fmt: skip
     _mp2a("export", str(run), "--format", "onnx")
     return data, stream, run
@@ -155,8 +158,9 @@ def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
         pred, _ = served_labels(url, fresh, classes, plan.batch)
         sites[site] = {"domain": domain, "fresh_before": float((pred == y_fresh).mean())}
         done = 0
-        for k in range(0, len(stream), 500):  # the probed edge's buffer is small: pace it
-            chunk = stream[k : k + 500]
+        pace = min(500, plan.buffer_cap)  # the probed edge's buffer is small: pace it
+        for k in range(0, len(stream), pace):
+            chunk = stream[k : k + pace]
             pred_chunk, _ = served_labels(url, chunk, classes, plan.batch)
             done += len(chunk)
             _wait(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mp2a.artifact import load_artifact
@@ -156,16 +158,25 @@ def serve(
     # starts background jobs with it ignored, and a Python started so never installs its own.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    # `bentoml serve` empties its metrics directory as it starts: the supervised processes
+    # start once it has made it anew, so what they write there is not wiped (and not missing)
+    metrics_dir = bentoml_prometheus_dir()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     proc = subprocess.Popen(serve_command(port, host), env=env)
+    started = time.monotonic()
     try:
-        for sup in supervisors:
-            sup.start()
+        waiting = list(supervisors)
         while True:
+            if waiting and (os.path.isdir(metrics_dir) or time.monotonic() - started > 60):
+                for sup in waiting:
+                    sup.start()
+                waiting = []
             try:
-                return proc.wait(timeout=1.0)
+                return proc.wait(timeout=0.2 if waiting else 1.0)
             except subprocess.TimeoutExpired:
                 for sup in supervisors:
-                    sup.check()
+                    if sup not in waiting:
+                        sup.check()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         try:

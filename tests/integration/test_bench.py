@@ -99,3 +99,24 @@ def test_bench_fleet_quick_runs_three_replicas_on_a_real_postgresql(capsys, pg_s
     assert t["killed_run_recorded"] == 1 and t["next_run_recorded"] == 1
     assert t["next_run_state"] in ("accepted", "rejected") and t["takeover_seconds"] > 0
     assert set(r["targets"]) >= {"swap_p99_le_1_s", "takeover_le_10_s", "ingest_ge_5000_per_s"}
+
+
+def test_bench_edge_quick_runs_a_hub_and_three_edges(capsys):
+    """The quick edge bench: a real hub and three real edges, one adaptation round per site,
+    the hub killed -9 while an edge is probed; every figure of the table is there."""
+    assert main(["bench", "edge", "--json", "--quick"]) == 0
+    r = json.loads(capsys.readouterr().out.strip())
+    assert set(r["sites"]) == {"hand", "lcd", "dots"}
+    for site in r["sites"].values():
+        assert site["adaptation"]["state"] in ("accepted", "rejected")
+        assert site["samples_at_hub"] > 0 and 0 <= site["stream_after"] <= 1
+        if site["adaptation"]["state"] == "accepted":
+            assert 0 < site["publish_to_edge_swap_s"] < 60
+        else:  # a rejected head is never installed: the edge serves what it served
+            assert site["stream_after"] == site["stream_before"]
+    o = r["outage"]
+    assert o["failed_predictions"] == 0 and o["hub_down"]["requests"] > 0
+    # everything served while the hub was down is delivered or counted as dropped
+    assert o["delivered_after_restart"] + o["dropped_counted"] >= o["served_while_down"]
+    assert o["buffered_at_restart"] <= o["buffer_cap"]
+    assert set(r["targets"]) >= {"hub_down_p99_le_1_2x", "publish_to_swap_le_5_s"}

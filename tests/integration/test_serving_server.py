@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from image_env import PROJECT, image_modules  # tests/ (pytest's path)
 from PIL import Image
 
 from mp2a.artifact import load_artifact
@@ -327,33 +328,47 @@ def test_prometheus_scrapes_the_latency_histogram(server, run_dir, expected, tmp
         assert got["version"][0]["metric"]["backbone"] == "tiny-digits"
 
 
-NO_TORCH = """\
+IMAGE_ONLY = """\
 import os, sys
 
 with open(os.environ["MP2A_NO_TORCH_MARKER"], "a") as f:
     f.write(f"{os.getpid()}\\n")
 
+_ALLOWED = set(os.environ["MP2A_IMAGE_MODULES"].split(","))
 
-class _NoTorch:
+
+class _ImageOnly:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError(f"torch is blocked in this process (edge-mode test): {name}")
-        return None
+        top = name.partition(".")[0]
+        if (
+            top in _ALLOWED
+            or top in sys.stdlib_module_names
+            or top.startswith(("__editable__", "_distutils_hack", "_sysconfigdata"))
+        ):
+            return None
+        raise ModuleNotFoundError(
+            f"{top} is blocked in this process: not in the torch-free image (Dockerfile)",
+            name=name,
+        )
 
 
-sys.meta_path.insert(0, _NoTorch())
+sys.meta_path.insert(0, _ImageOnly())
 """
 
 
 def test_edge_mode_serves_without_torch(run_dir, expected, tmp_path):
-    """`bentoml serve serving.service:Mp2aService` with MP2A_RUN, where `import torch` fails
-    in every process (a sitecustomize on PYTHONPATH), still answers /predict correctly."""
-    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    """`bentoml serve serving.service:Mp2aService` with MP2A_RUN, where only what the
+    torch-free image installs can be imported (torch, fastapi-less images… fail) in every
+    process (a sitecustomize on PYTHONPATH), still answers /predict correctly."""
+    (tmp_path / "sitecustomize.py").write_text(IMAGE_ONLY)
     marker = tmp_path / "pids.txt"
+    allowed = image_modules() | set(PROJECT) | {"sitecustomize"}
+    assert "torch" not in allowed
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
         "MP2A_NO_TORCH_MARKER": str(marker),
+        "MP2A_IMAGE_MODULES": ",".join(sorted(allowed)),
         "MP2A_RUN": str(run_dir),
         "MP2A_BACKEND": "ort",
         "BENTOML_DO_NOT_TRACK": "True",

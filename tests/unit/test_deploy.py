@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from image_env import pinned  # tests/ (pytest's path)
+from packaging.requirements import Requirement
 
 from mp2a.cli import build_parser
 
@@ -36,6 +38,8 @@ def check_command(cmd: list[str]) -> None:
     """`mp2a …` parses with the real CLI parser; `python -m X` names a real module."""
     if cmd[0] == "mp2a":
         build_parser().parse_args(cmd[1:])  # SystemExit on an unknown flag or sub-command
+    elif cmd[:3] in (["python3", "-m", "mp2a"], ["python", "-m", "mp2a"]):
+        build_parser().parse_args(cmd[3:])
     elif cmd[:2] == ["python3", "-m"] or cmd[:2] == ["python", "-m"]:
         module = cmd[2]
         if module != "bentoml":
@@ -72,6 +76,16 @@ def test_compose_parses_and_names_only_what_exists():
             assert path in routes, path
         dockerfile = ROOT / s["build"]["context"].replace("..", ".") / s["build"]["dockerfile"]
         assert dockerfile.is_file()
+    # the edge: the torch-free image, a site of the hubs' tokens, pointed at a replica
+    edge = services["edge-store-1"]
+    check_command(edge["command"])
+    assert set(edge["environment"]) <= known and "MP2A_ONLINE" not in edge["environment"]
+    assert (ROOT / edge["build"]["dockerfile"]).is_file() and edge["build"][
+        "dockerfile"
+    ] == "Dockerfile"
+    args = build_parser().parse_args(edge["command"][3:])
+    assert args.hub.removeprefix("http://").split(":")[0] in services
+    assert services["replica-1"]["environment"]["MP2A_EDGE_TOKENS"].startswith(f"{args.site}=")
     for volume in services["grafana"]["volumes"]:
         src = volume.split(":")[0]
         assert (DEPLOY / src).resolve().is_file(), src
@@ -79,6 +93,9 @@ def test_compose_parses_and_names_only_what_exists():
     job = prom["scrape_configs"][0]
     assert job["metrics_path"] in routes
     assert set(job["static_configs"][0]["targets"]) == {"replica-1:3000", "replica-2:3000"}
+    for job in prom["scrape_configs"][1:]:
+        assert job["metrics_path"] in routes
+        assert {t.split(":")[0] for t in job["static_configs"][0]["targets"]} <= set(services)
     provider = yaml.safe_load((DEPLOY / "grafana" / "dashboards.yml").read_text())
     mounted = [v.split(":")[1] for v in services["grafana"]["volumes"] if "dashboard.json" in v]
     assert Path(mounted[0]).parent == Path(provider["providers"][0]["options"]["path"])
@@ -135,5 +152,7 @@ def test_bentofile_includes_what_the_service_imports():
     assert bento["service"] == "serving.service:Mp2aService"
     for pkg in ("mp2a", "online", "serving"):
         assert f"{pkg}/*.py" in bento["include"], pkg
+    # the same packages as the torch-free Dockerfile (which the edge-mode test runs against)
+    assert {str(r) for r in pinned()} == {str(Requirement(p)) for p in bento["python"]["packages"]}
     mp2a_vars = {e["name"] for e in bento["envs"] if e["name"].startswith("MP2A_")}
     assert mp2a_vars <= env_vars_read_by_the_code()
