@@ -52,8 +52,23 @@ class Level:
     seconds: float  # ... or this long, whichever ends first (at least `concurrency` requests)
 
 
-# name -> (MP2A_BACKEND, MP2A_PRECISION)
-VARIANTS = {"ort": ("ort", "fp32"), "ort-int8": ("ort", "int8"), "torch": ("torch", "fp32")}
+# name -> (MP2A_BACKEND, MP2A_PRECISION); "bare": the reference (benchmarks/bare.py);
+# "ort-bentoml": the service answering through BentoML's own API handling (as before the
+# upload guard answered directly)
+VARIANTS = {
+    "ort": ("ort", "fp32"),
+    "ort-int8": ("ort", "int8"),
+    "torch": ("torch", "fp32"),
+    "bare": ("bare", "fp32"),
+    "ort-bentoml": ("ort", "fp32"),
+    "ort-2-workers": ("ort", "fp32"),
+    "ort-int8-bentoml": ("ort", "int8"),
+}
+VARIANT_ENV = {
+    "ort-bentoml": {"MP2A_DIRECT_PREDICT": "0"},
+    "ort-int8-bentoml": {"MP2A_DIRECT_PREDICT": "0"},
+    "ort-2-workers": {"MP2A_WORKERS": "2"},
+}
 
 
 @dataclass(frozen=True)
@@ -66,11 +81,13 @@ class ModelPlan:
 # ViT-B-16 on 2 CPU cores takes ~0.7 s per image: few requests, generous time budgets
 MODELS = {
     "tiny-digits": ModelPlan(
-        None, ("ort", "torch"), (Level(1, 300, 8.0), Level(8, 1200, 10.0), Level(32, 2000, 12.0))
+        None,
+        ("ort", "ort-bentoml", "ort-2-workers", "bare", "torch"),
+        (Level(1, 300, 8.0), Level(8, 1200, 10.0), Level(32, 2000, 12.0)),
     ),
     "ViT-B-16": ModelPlan(
         "random",
-        ("ort", "ort-int8", "torch"),
+        ("ort", "ort-bentoml", "ort-int8", "ort-int8-bentoml", "ort-2-workers", "bare", "torch"),
         (Level(1, 10, 12.0), Level(8, 40, 25.0), Level(32, 80, 30.0)),
     ),
 }
@@ -189,14 +206,23 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None
 
 @contextlib.contextmanager
 def running_server(run: Path, variant: str, log_file: Path) -> Iterator[str]:
-    """`bentoml serve` on `run` on a free loopback port; yields its base URL."""
+    """`bentoml serve` on `run` on a free loopback port (the bare reference for "bare");
+    yields its base URL."""
     from serving.launch import serve_command, serve_env
 
     port = free_port()
+    backend, precision = VARIANTS[variant]
+    env = {**serve_env(run, backend, precision), **VARIANT_ENV.get(variant, {})}
+    cmd = serve_command(port, "127.0.0.1")
+    if backend == "bare":
+        cmd = [sys.executable, "-m", "benchmarks.bare", str(run), "--port", str(port),
+               "--precision", precision]  # fmt: skip
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     with open(log_file, "ab") as logf:
         proc = subprocess.Popen(
-            serve_command(port, "127.0.0.1"),
-            env=serve_env(run, *VARIANTS[variant]),
+            cmd,
+            env=env,
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -353,6 +379,9 @@ def bench_variant(
     with running_server(run, variant, logs / f"{run.name}-{variant}.log") as url:
         run_load_process(url, image, Level(2, 6, 30.0))  # warm-up: first calls, allocations
         for level in levels:
+            if variant == "bare":  # no batching, no metrics: one image per model call
+                rows.append({**run_load_process(url, image, level), "mean_encoder_batch": 1.0})
+                continue
             s0, c0 = scrape_batch_stats(url)
             row = run_load_process(url, image, level)
             s1, c1 = scrape_batch_stats(url)
@@ -402,12 +431,36 @@ def _at(rows: list[dict], c: int) -> dict:
 
 
 def _summary(results: dict) -> dict:
-    """The issue's figures: throughput ratios against torch and time outside the model, c=8."""
+    """Throughput ratios against torch and time outside the model at c=8; the service against
+    the bare reference at every level (requests/s ratio and p99 ratio)."""
     out: dict = {}
     for model, r in results.items():
         torch8 = _at(r["torch"], 8)["requests_per_s"]
         row: dict = {}
+        if "bare" in r:
+            for level in r["bare"]:
+                c = level["concurrency"]
+                svc = _at(r["ort"], c)
+                row[f"service_vs_bare_throughput_c{c}"] = round(
+                    svc["requests_per_s"] / level["requests_per_s"], 2
+                )
+                row[f"service_vs_bare_p99_c{c}"] = round(svc["p99_ms"] / level["p99_ms"], 2)
+                for other in ("ort-bentoml", "ort-2-workers"):
+                    if other in r:
+                        rps = _at(r[other], c)["requests_per_s"]
+                        key = other.removeprefix("ort-").replace("-", "_")
+                        row[f"{key}_vs_bare_throughput_c{c}"] = round(
+                            rps / level["requests_per_s"], 2
+                        )
         for variant in ("ort", "ort-int8"):
+            if f"{variant}-bentoml" in r:  # the direct path against BentoML's, side by side
+                for level in r[variant]:
+                    c = level["concurrency"]
+                    old = _at(r[f"{variant}-bentoml"], c)["requests_per_s"]
+                    key = variant.replace("-", "_")
+                    row[f"{key}_direct_vs_bentoml_path_throughput_c{c}"] = round(
+                        level["requests_per_s"] / old, 2
+                    )
             if variant in r:
                 at8 = _at(r[variant], 8)
                 key = variant.replace("-", "_")

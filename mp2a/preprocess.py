@@ -70,7 +70,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+    if im.mode == "RGB":
+        return im  # convert would copy it
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr
 
 
 def load_image(path: str | object) -> Image.Image:
@@ -94,7 +96,8 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _FILTERS[spec.interpolation])
     left, top = round((new_w - s) / 2.0), round((new_h - s) / 2.0)
-    img = img.crop((left, top, left + s, top + s))
+    if (new_w, new_h) != (s, s):  # a square image is already cropped (crop would copy it)
+        img = img.crop((left, top, left + s, top + s))
     x = np.asarray(img, dtype=np.float32) / 255.0  # (S, S, 3)
     x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, S, S)

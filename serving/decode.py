@@ -128,7 +128,7 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
                 im.seek(0)  # animations: the first frame
             im.load()
             try:
-                im = ImageOps.exif_transpose(im)
+                ImageOps.exif_transpose(im, in_place=True)  # a copy only if it rotates
             except Exception as e:  # a broken EXIF block must not lose a good image
                 log.debug("ignoring unreadable EXIF orientation: %s", e)
             _check_geometry(*im.size, limits)

@@ -5,19 +5,25 @@ field sent as text makes it try to download that text as a URL; an over-long fil
 fails its temp-file creation), and treats any non-multipart body as JSON. This guard buffers
 the body of the prediction routes up to a limit (413 beyond it), requires
 multipart/form-data (415), parses the form once to check that the expected field holds file
-uploads (400/413 otherwise), then replays the body to BentoML unchanged. Every refusal is
-JSON {"error": "..."}.
+uploads (400/413 otherwise). Every refusal is JSON {"error": "..."}.
+
+With a `handler`, a checked upload is answered here: the handler gets the route and the
+files' bytes and returns the response (the service's prediction path). BentoML's own
+handling of the request (a second multipart parse, a temp file per upload, pydantic models
+in and out) is then skipped, while everything outside this middleware (BentoML's request
+metrics, tracing, access log, timeout and concurrency limit) still applies. Without one the
+body is replayed to BentoML unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+# (route, the files' bytes in the order sent) -> the response
+Handler = Callable[[str, list[bytes]], Awaitable[Response]]
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -46,9 +56,12 @@ def _error(status: int, message: str) -> JSONResponse:
 class UploadGuard:
     """ASGI middleware; `rules` maps a POST path to what it accepts."""
 
-    def __init__(self, app: ASGIApp, rules: dict[str, UploadRule]) -> None:
+    def __init__(
+        self, app: ASGIApp, rules: dict[str, UploadRule], handler: Handler | None = None
+    ) -> None:
         self.app = app
         self.rules = rules
+        self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rule = self.rules.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -57,10 +70,15 @@ class UploadGuard:
             return
         headers = Headers(scope=scope)
         body, refusal = await self._read(rule, headers, receive)
+        files: list[bytes] = []
         if refusal is None:
-            refusal = await self._check_form(rule, headers, body)
+            refusal, files = await self._check_form(rule, headers, body)
         if refusal is not None:
             await refusal(scope, receive, send)
+            return
+        if self.handler is not None:
+            response = await self.handler(scope["path"], files)
+            await response(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -100,7 +118,9 @@ class UploadGuard:
 
     async def _check_form(
         self, rule: UploadRule, headers: Headers, body: bytes
-    ) -> JSONResponse | None:
+    ) -> tuple[JSONResponse | None, list[bytes]]:
+        """(None, the files' bytes) for a good form, else (the refusal, [])."""
+
         async def stream() -> AsyncGenerator[bytes, None]:
             yield body
 
@@ -108,40 +128,48 @@ class UploadGuard:
         try:
             form = await parser.parse()
         except MultiPartException as e:
-            return _error(400, f"malformed multipart/form-data body: {e.message}")
+            return _error(400, f"malformed multipart/form-data body: {e.message}"), []
         except Exception as e:  # python-multipart raises its own zoo on garbage
-            return _error(400, f"malformed multipart/form-data body: {e}")
+            return _error(400, f"malformed multipart/form-data body: {e}"), []
         try:
-            values = form.getlist(rule.field)
-            if not values:
-                fields = ", ".join(repr(k) for k in form) or "none"
-                return _error(
-                    400,
-                    f"no {rule.field!r} field in the form (fields sent: {fields}); "
-                    f"e.g. curl -F {rule.field}=@photo.jpg",
-                )
-            if len(values) > rule.max_files == 1:
-                return _error(
-                    400,
-                    f"{len(values)} files in field {rule.field!r}; this endpoint takes one "
-                    "image, POST several to /predict_batch as repeated field 'images'",
-                )
-            if len(values) > rule.max_files:
-                return _error(
-                    413, f"{len(values)} images in one request; the limit is {rule.max_files}"
-                )
-            for v in values:
-                if not isinstance(v, UploadFile):
-                    return _error(
-                        400,
-                        f"field {rule.field!r} must be a file upload (with a filename), not "
-                        f"text; e.g. curl -F {rule.field}=@photo.jpg",
-                    )
-                if len((v.filename or "").encode()) > MAX_FILENAME:
-                    return _error(400, f"the upload's file name exceeds {MAX_FILENAME} bytes")
-            return None
+            refusal = self._check_values(rule, form)
+            if refusal is not None:
+                return refusal, []
+            return None, [await v.read() for v in form.getlist(rule.field)]
         finally:
             await form.close()
+
+    @staticmethod
+    def _check_values(rule: UploadRule, form: FormData) -> JSONResponse | None:
+        """The refusal of a parsed form, in the order a client would fix it; None if good."""
+        values = form.getlist(rule.field)
+        if not values:
+            fields = ", ".join(repr(k) for k in form) or "none"
+            return _error(
+                400,
+                f"no {rule.field!r} field in the form (fields sent: {fields}); "
+                f"e.g. curl -F {rule.field}=@photo.jpg",
+            )
+        if len(values) > rule.max_files == 1:
+            return _error(
+                400,
+                f"{len(values)} files in field {rule.field!r}; this endpoint takes one "
+                "image, POST several to /predict_batch as repeated field 'images'",
+            )
+        if len(values) > rule.max_files:
+            return _error(
+                413, f"{len(values)} images in one request; the limit is {rule.max_files}"
+            )
+        for v in values:
+            if not isinstance(v, UploadFile):
+                return _error(
+                    400,
+                    f"field {rule.field!r} must be a file upload (with a filename), not "
+                    f"text; e.g. curl -F {rule.field}=@photo.jpg",
+                )
+            if len((v.filename or "").encode()) > MAX_FILENAME:
+                return _error(400, f"the upload's file name exceeds {MAX_FILENAME} bytes")
+        return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -5,8 +5,13 @@ Configuration (environment, read when the worker starts):
     MP2A_BACKEND        ort (default; needs RUN/export/image_encoder.onnx) or torch
     MP2A_PRECISION      the ort backend's encoder: fp32 (default) or int8
                         (RUN/export/image_encoder.int8.onnx from `mp2a export --format onnx-int8`)
+    MP2A_WORKERS        worker processes, each with its own model session and a share of the
+                        cores (default 1; serving/README.md "Workers")
     MP2A_THREADS        request threads per worker (default 64: every waiting request holds
                         one, and the requests waiting together form the next batch)
+    MP2A_DIRECT_PREDICT 1 (default): the upload guard answers the prediction routes itself
+                        once it has checked the form; 0: through BentoML's API handling
+                        (the same answers, slower; kept for comparison)
     MP2A_MAX_BATCH      images per encoder call (default 32)
     MP2A_MAX_WAIT_MS    longest wait for a batch to fill (default 5)
     MP2A_MAX_UPLOAD_MB  body limit of /predict (default 16; /predict_batch: 4x)
@@ -39,6 +44,8 @@ import logging
 import os
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import bentoml
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
@@ -55,7 +62,7 @@ from online.hub import EdgeTokens
 from online.state import DEFAULT_SITE, StateError, open_state
 from online.swap import VersionWatcher
 from serving import routes
-from serving.backends import load_backend
+from serving.backends import cpu_count, load_backend
 from serving.decode import DecodeLimits, InputError
 from serving.guard import UploadGuard, UploadRule
 from serving.openapi import OpenAPIDocument
@@ -76,6 +83,12 @@ def _env_int(name: str, default: int) -> int:
 
 
 MAX_UPLOAD = _env_int("MP2A_MAX_UPLOAD_MB", 16) * 2**20
+# Worker processes, each with its own model session, sharing the port, the traffic store,
+# the version line and the metrics directory. One by default: measured on 2 cores, a second
+# worker competes with the first for the same cores (serving/README.md, "Workers").
+WORKERS = _env_int("MP2A_WORKERS", 1)
+if WORKERS < 1:
+    raise ValueError(f"MP2A_WORKERS={WORKERS}: give 1 or more worker processes")
 MAX_BATCH_IMAGES = _env_int("MP2A_MAX_BATCH_IMAGES", 64)
 
 
@@ -98,7 +111,7 @@ class BatchResponse(BaseModel):
 
 @bentoml.service(
     name="mp2a",
-    workers=1,  # one model copy; ONNX Runtime's intra-op threads use every core
+    workers=WORKERS,
     threads=_env_int("MP2A_THREADS", 64),
     traffic={"timeout": 120},
 )
@@ -125,6 +138,8 @@ class Mp2aService:
         backend = load_backend(
             os.environ.get("MP2A_BACKEND", "ort"),
             base,
+            # the cores shared among the workers' sessions, not each taking them all
+            threads=max(1, cpu_count() // WORKERS),
             precision=os.environ.get("MP2A_PRECISION", "fp32"),
         )
         metrics = get_metrics()
@@ -214,12 +229,43 @@ class Mp2aService:
         return self._answer(uploads, batch=True)  # type: ignore[return-value]
 
 
+_limiter: anyio.CapacityLimiter | None = None
+
+
+async def answer_upload(path: str, files: list[bytes]) -> Response:
+    """The prediction routes, answered by the upload guard once it has checked the form
+    (serving/guard.py): the API methods' own `_answer`, in a worker thread, so decoding,
+    preprocessing and the wait for the batch never block the event loop. At most
+    MP2A_THREADS requests at once, like BentoML's own thread pool."""
+    global _limiter
+    try:
+        svc = bentoml.get_current_service()
+    except Exception:  # BentoML: "service isn't instantiated yet"
+        svc = None
+    if svc is None:
+        return JSONResponse({"error": "the model is not loaded yet; retry shortly"}, 503)
+    batch = path == "/predict_batch"
+    if batch:
+        uploads = [Upload(data, f"images[{i}]") for i, data in enumerate(files)]
+    else:
+        uploads = [Upload(files[0])]
+    if _limiter is None:
+        _limiter = anyio.CapacityLimiter(_env_int("MP2A_THREADS", 64))
+    try:
+        return await anyio.to_thread.run_sync(svc._answer, uploads, batch, limiter=_limiter)
+    except Exception as e:  # a fault of the server: JSON like every other answer
+        log.exception("prediction failed")
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+
+
 Mp2aService.add_asgi_middleware(
     UploadGuard,
     rules={
         "/predict": UploadRule("image", 1, MAX_UPLOAD),
         "/predict_batch": UploadRule("images", MAX_BATCH_IMAGES, 4 * MAX_UPLOAD),
     },
+    # MP2A_DIRECT_PREDICT=0: BentoML's own API handling instead (slower; for comparison)
+    handler=answer_upload if os.environ.get("MP2A_DIRECT_PREDICT", "1") != "0" else None,
 )
 Mp2aService.add_asgi_middleware(
     OpenAPIDocument, service=Mp2aService, max_batch_images=MAX_BATCH_IMAGES

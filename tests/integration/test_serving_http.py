@@ -211,6 +211,13 @@ def test_model_health_and_metrics(client, run_dir, images):
     outcomes = {s.labels["outcome"] for s in families["mp2a_adaptation_runs"].samples}
     assert outcomes == {"accepted", "rejected", "failed"}
     assert sum(s.value for s in families["mp2a_predictions"].samples) > 0
+    # answered by the upload guard directly, the routes still count in BentoML's metrics
+    predict_requests = [
+        s
+        for s in families["bentoml_service_request"].samples
+        if s.labels.get("endpoint") == "/predict" and s.labels.get("http_response_code") == "200"
+    ]
+    assert predict_requests and predict_requests[0].value > 0, families["bentoml_service_request"]
     assert "mp2a_traffic_dropped" in families
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -396,3 +397,93 @@ def test_serve_refuses_a_missing_artifact_in_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nope"), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not an mp2a artifact" in err[0]
+
+
+def test_two_worker_processes_share_the_port_the_store_the_versions_and_the_metrics(
+    run_dir, expected, tmp_path
+):
+    """MP2A_WORKERS=2: two model processes behind one port, each with its own session and
+    half the cores; concurrent clients get correct answers, every served image reaches the
+    one traffic store, a published version is served by both, /metrics adds both up."""
+    from mp2a import versions
+    from mp2a.head import Head
+    from online.state import FileState
+    from serving.backends import cpu_count
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    art = load_artifact(run)
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "MP2A_WORKERS": "2"}
+    env["BENTOML_HOME"] = str(tmp_path / "bentoml-home")
+    files = list(expected)
+    rounds = 4
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process([*cmd, "--port", str(port)], env, tmp_path / "serve.log", url + "/readyz") as p:
+        workers = [
+            pid
+            for pid in descendants(p.pid)
+            if "_bentoml_impl.worker.service" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        assert len(workers) == 2, workers
+
+        def one(f: Path) -> tuple[Path, dict]:
+            # a connection of its own per request: the kernel spreads them over the workers
+            with httpx.Client(base_url=url, timeout=60) as c:
+                return f, predict_ok(c, f)
+
+        with ThreadPoolExecutor(8) as pool:
+            for f, body in pool.map(one, files * rounds):
+                check(body, expected[f], art.classes)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            info = c.get("/model").json()
+            assert info["runtime"]["threads"] == max(1, cpu_count() // 2)
+            text = c.get("/metrics").text
+        served = sum(
+            float(v) for v in re.findall(r"^mp2a_predictions_total\{[^}]*\} (\S+)$", text, re.M)
+        )
+        assert served == len(files) * rounds  # both workers' counters, added up
+        state = FileState(run)
+        deadline = time.time() + 20
+        while state.traffic_count() < len(files) * rounds:  # the store's writer flushes
+            assert time.time() < deadline, state.traffic_count()
+            time.sleep(0.2)
+        assert state.traffic_count() == len(files) * rounds
+
+        new = Head(np.roll(art.head.weight, 3, axis=1), art.head.logit_scale)
+        assert versions.publish(run, new, {"note": "published by the test"}) == 2
+        deadline = time.time() + 15
+        while True:  # every worker swaps: 32 fresh connections all answer version 2
+            with ThreadPoolExecutor(8) as pool:
+                got = {b["model_version"] for _, b in pool.map(one, [files[0]] * 32)}
+            if got == {"2"}:
+                break
+            assert time.time() < deadline, f"versions still served: {got}"
+            time.sleep(0.2)
+
+
+def test_serve_refuses_a_bad_worker_count_in_one_line(run_dir, capsys, monkeypatch):
+    from mp2a.cli import main
+
+    monkeypatch.setenv("MP2A_WORKERS", "0")
+    assert main(["serve", str(run_dir), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MP2A_WORKERS" in err[0]
+
+
+def test_the_benchmark_reference_answers_like_the_service(run_dir, expected, tmp_path):
+    """benchmarks/bare.py, the bare ASGI route `mp2a bench serving` compares the service
+    with, does the service's work: its answers are the same probabilities."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "benchmarks.bare", str(run_dir), "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    classes = load_artifact(run_dir).classes
+    with process(cmd, env, tmp_path / "bare.log", url + "/readyz"):
+        for f in list(expected)[:4]:
+            r = httpx.post(url + "/predict", files={"image": (f.name, f.read_bytes())})
+            assert r.status_code == 200, r.text
+            check(r.json(), expected[f], classes)
+        r = httpx.post(url + "/predict", files={"image": ("x.png", b"not an image")})
+        assert r.status_code == 415

@@ -1,0 +1,99 @@
+"""The reference of `mp2a bench serving`: the same model behind a bare ASGI route.
+
+`python -m benchmarks.bare RUN --port P [--precision fp32|int8]` serves POST /predict with
+uvicorn (the server BentoML runs on) and nothing else: no framework, no middleware, no
+batching, no metrics, no traffic store. The work per request is the service's: the first
+part of the multipart body, `decode_image`, `preprocess_image`, the same ONNX Runtime
+session (serving/backends.py `OrtBackend`, same threads and settings), the artifact's head
+and the same top-k JSON. It runs on the event loop itself, one request at a time. What the
+service takes beyond this is what the framework and the service's promises (input checks,
+JSON errors, metrics, traffic, hot swap) cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mp2a.artifact import load_artifact
+from mp2a.preprocess import preprocess_image
+from serving.backends import OrtBackend
+from serving.decode import DecodeLimits, InputError, decode_image
+
+
+def first_part(body: bytes, content_type: str) -> bytes:
+    """The content of the first part of a multipart/form-data body."""
+    boundary = content_type.partition("boundary=")[2].strip('"').encode()
+    if not boundary:
+        raise InputError(400, "no multipart boundary")
+    start = body.find(b"\r\n\r\n", body.find(b"--" + boundary)) + 4
+    end = body.find(b"\r\n--" + boundary, start)
+    if start < 4 or end < 0:
+        raise InputError(400, "malformed multipart body")
+    return body[start:end]
+
+
+def make_app(run: Path, precision: str = "fp32"):
+    art = load_artifact(run)
+    backend = OrtBackend(art, precision=precision)
+    limits = DecodeLimits()
+    top_k = min(5, len(art.classes))
+    version = str(art.version)
+
+    def predict(data: bytes) -> dict:
+        pixels = preprocess_image(decode_image(data, limits), art.preprocessing)[None]
+        p = art.head.probs(backend.encode(pixels))[0]
+        order = np.argsort(-p, kind="stable")[:top_k]
+        top = [{"label": art.classes[i], "score": float(p[i])} for i in order]
+        return {"label": top[0]["label"], "score": top[0]["score"], "top_k": top,
+                "model_version": version}  # fmt: skip
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        status, answer = 404, {"error": "not found"}
+        if scope["path"] == "/readyz":
+            status, answer = 200, {}
+        elif scope["path"] == "/predict" and scope["method"] == "POST":
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            headers = dict(scope["headers"])
+            try:
+                ctype = headers.get(b"content-type", b"").decode()
+                status, answer = 200, predict(first_part(b"".join(chunks), ctype))
+            except InputError as e:
+                status, answer = e.status, {"error": e.message}
+        body = json.dumps(answer).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bare")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    a = p.parse_args(argv)
+    app = make_app(Path(a.run), a.precision)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
