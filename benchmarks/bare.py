@@ -5,9 +5,9 @@ uvicorn (the server BentoML runs on) and nothing else: no framework, no middlewa
 batching, no metrics, no traffic store. The work per request is the service's: the first
 part of the multipart body, `decode_image`, `preprocess_image`, the same ONNX Runtime
 session (serving/backends.py `OrtBackend`, same threads and settings), the artifact's head
-and the same top-k JSON. It runs on the event loop itself, one request at a time. What the
-service takes beyond this is what the framework and the service's promises (input checks,
-JSON errors, metrics, traffic, hot swap) cost.
+and the same top-k JSON (`serving.predictor.answer`). It runs on the event loop itself, one
+request at a time. What the service takes beyond this is what the framework and the
+service's promises (input checks, JSON errors, metrics, traffic, hot swap) cost.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from mp2a.artifact import load_artifact
 from mp2a.preprocess import preprocess_image
 from serving.backends import OrtBackend
 from serving.decode import DecodeLimits, InputError, decode_image
+from serving.predictor import answer
 
 
 def first_part(body: bytes, content_type: str) -> bytes:
@@ -46,11 +45,7 @@ def make_app(run: Path, precision: str = "fp32"):
 
     def predict(data: bytes) -> dict:
         pixels = preprocess_image(decode_image(data, limits), art.preprocessing)[None]
-        p = art.head.probs(backend.encode(pixels))[0]
-        order = np.argsort(-p, kind="stable")[:top_k]
-        top = [{"label": art.classes[i], "score": float(p[i])} for i in order]
-        return {"label": top[0]["label"], "score": top[0]["score"], "top_k": top,
-                "model_version": version}  # fmt: skip
+        return answer(art.head.probs(backend.encode(pixels))[0], art.classes, top_k, version)
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":

@@ -214,6 +214,17 @@ def migrate(conn: Any) -> list[int]:
     return applied_now
 
 
+def retain_traffic(db: Any, site: str, max_age_s: float, max_rows: int) -> None:
+    """Drop a site's traffic rows older than `max_age_s` and beyond the newest `max_rows`
+    (`db`: a connection or a cursor, inside the caller's transaction)."""
+    db.execute("DELETE FROM traffic WHERE site = %s AND t < %s", (site, time.time() - max_age_s))
+    db.execute(
+        "DELETE FROM traffic WHERE site = %s AND id <= (SELECT id FROM traffic "
+        "WHERE site = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
+        (site, site, max_rows),
+    )
+
+
 class PgState:
     """State in one PostgreSQL database (see the module docstring)."""
 
@@ -835,15 +846,7 @@ class PgState:
                 ):  # fmt: skip
                     row = (site, float(t), v, int(lab), float(c), e.astype("<f4").tobytes())
                     copy.write_row(row)
-            conn.execute(
-                "DELETE FROM traffic WHERE site = %s AND t < %s",
-                (site, time.time() - config.max_age_s),
-            )
-            conn.execute(
-                "DELETE FROM traffic WHERE site = %s AND id <= (SELECT id FROM traffic "
-                "WHERE site = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
-                (site, site, config.max_rows),
-            )
+            retain_traffic(conn, site, config.max_age_s, config.max_rows)
         return len(upload.labels)
 
     def read_traffic(self, limit: int | None, site: str = DEFAULT_SITE) -> np.ndarray:
@@ -975,15 +978,7 @@ class PgTrafficStore(TrafficStore):
         c, site = self.config, self.site
         try:
             with con.cursor() as cur:
-                cur.execute(
-                    "DELETE FROM traffic WHERE site = %s AND t < %s",
-                    (site, time.time() - c.max_age_s),
-                )
-                cur.execute(
-                    "DELETE FROM traffic WHERE site = %s AND id <= (SELECT id FROM traffic "
-                    "WHERE site = %s ORDER BY id DESC LIMIT 1 OFFSET %s)",
-                    (site, site, c.max_rows),
-                )
+                retain_traffic(cur, site, c.max_age_s, c.max_rows)
                 cur.execute(
                     "DELETE FROM traffic_images WHERE site = %s AND sample_id <= (SELECT "
                     "sample_id FROM traffic_images WHERE site = %s ORDER BY sample_id DESC "

@@ -178,8 +178,7 @@ def serve(
                 return proc.wait(timeout=0.2 if waiting else 1.0)
             except subprocess.TimeoutExpired:
                 for sup in supervisors:
-                    if sup not in waiting:
-                        sup.check()
+                    sup.check()  # a no-op until started
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         try:

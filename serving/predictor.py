@@ -47,6 +47,14 @@ class Upload:
     name: str = "image"  # how error messages refer to it, e.g. "images[3]"
 
 
+def answer(p: np.ndarray, classes: Sequence[str], top_k: int, version: str) -> dict:
+    """One image's JSON answer from its (C,) probabilities."""
+    order = np.argsort(-p, kind="stable")[:top_k]
+    top = [{"label": classes[i], "score": float(p[i])} for i in order]
+    return {"label": top[0]["label"], "score": top[0]["score"], "top_k": top,
+            "model_version": version}  # fmt: skip
+
+
 class Predictor:
     """Thread-safe: call `predict` from many request threads at once."""
 
@@ -152,14 +160,7 @@ class Predictor:
             store.offer(e, int(i), float(p[i]), version, up.data if keep_images else None)
 
     def _response(self, p: np.ndarray, version: str) -> dict:
-        order = np.argsort(-p, kind="stable")[: self.top_k]
-        top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
-        return {
-            "label": top[0]["label"],
-            "score": top[0]["score"],
-            "top_k": top,
-            "model_version": version,
-        }
+        return answer(p, self.classes, self.top_k, version)
 
     def _observe(self, t: Timing, out: list[dict]) -> None:
         m = self.metrics

@@ -112,6 +112,14 @@ def _err(status: int, message: str, headers: dict[str, str] | None = None) -> JS
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _bearer_json(schema: dict[str, Any], required: bool) -> dict[str, Any]:
+    """A route's OpenAPI extras: a bearer token, and a JSON body of `schema`."""
+    return {
+        "security": [{"bearer": []}],
+        "requestBody": {"required": required, "content": {"application/json": {"schema": schema}}},
+    }
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody} for c in codes}
 
@@ -219,13 +227,7 @@ def model_info():
     "/rollback",
     response_model=RollbackResponse,
     responses=_errors(400, 401, 403, 404, 409, 413, 500, 503),
-    openapi_extra={
-        "security": [{"bearer": []}],
-        "requestBody": {
-            "required": False,
-            "content": {"application/json": {"schema": ROLLBACK_BODY}},
-        },
-    },
+    openapi_extra=_bearer_json(ROLLBACK_BODY, required=False),
 )
 async def rollback(request: Request):
     """Serve the served version's parent again (admin); a hub: `{"site": …}` rolls one site
@@ -267,10 +269,7 @@ async def rollback(request: Request):
     status_code=202,
     response_model=AdaptRequested,
     responses=_errors(400, 401, 403, 404, 413, 500, 503),
-    openapi_extra={
-        "security": [{"bearer": []}],
-        "requestBody": {"required": False, "content": {"application/json": {"schema": ADAPT_BODY}}},
-    },
+    openapi_extra=_bearer_json(ADAPT_BODY, required=False),
 )
 async def adapt(request: Request):
     """Ask the adaptation worker for a run now (admin); follow it with GET /adapt/status."""
@@ -396,13 +395,7 @@ TRAFFIC_BODY = {
     "/traffic",
     response_model=TrafficAccepted,
     responses=_errors(400, 401, 403, 404, 409, 413, 422, 500, 503),
-    openapi_extra={
-        "security": [{"bearer": []}],
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": TRAFFIC_BODY}},
-        },
-    },
+    openapi_extra=_bearer_json(TRAFFIC_BODY, required=True),
 )
 async def traffic(request: Request):
     """A hub: store a batch of an edge site's traffic (embeddings, predicted labels,

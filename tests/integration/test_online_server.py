@@ -21,14 +21,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving_server import (  # same folder (pytest puts it on the path)
-    alive_processes,
-    descendants,
-    free_port,
     predict_ok,
     serve_client,
     wait_http,
 )
 
+from benchmarks.procs import alive_processes, descendants, free_port
 from mp2a import versions
 from online.store import peek_int
 

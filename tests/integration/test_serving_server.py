@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import pytest
 from image_env import PROJECT, image_modules  # tests/ (pytest's path)
 from PIL import Image
 
+from benchmarks.procs import descendants, free_port
 from mp2a.artifact import load_artifact
 from mp2a.preprocess import preprocess_batch
 from mp2a.runtime import OrtEncoder
@@ -34,12 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def run_dir(street_run):
     return street_run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
@@ -54,33 +48,6 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.
                 return
         time.sleep(0.3)
     raise AssertionError(f"{url} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def alive_processes() -> dict[int, int]:
-    """pid -> parent pid of every live (non-zombie) process, from /proc."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if stat[0] not in ("Z", "X"):
-                out[int(d.name)] = int(stat[1])
-    return out
-
-
-def descendants(pid: int) -> set[int]:
-    """`pid` and every process under it (BentoML's workers run in sessions of their own, so
-    a process group does not hold them all)."""
-    parents = alive_processes()
-    found, todo = {pid}, [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parents.items() if pp == p and c not in found]
-        found.update(kids)
-        todo.extend(kids)
-    return found
 
 
 def predict_ok(c: httpx.Client, f: Path) -> dict:
