@@ -301,6 +301,7 @@ def p99_side_by_side(work: Path, run: Path, image: Path, dsn: str, seconds: floa
 def takeover(work: Path, run: Path, dsn: str, images: list[Path]) -> dict:
     import psycopg
 
+    from online.pg import leader_sessions
     from online.state import open_state
 
     token = secrets.token_hex(8)
@@ -314,14 +315,9 @@ def takeover(work: Path, run: Path, dsn: str, images: list[Path]) -> dict:
         "MP2A_ADAPT_MIN_NEW": str(10**9),
     }
 
-    def leaders() -> list[int]:
+    def leaders() -> list[int]:  # the backend pids of the leader's lock connection
         with psycopg.connect(dsn) as conn:
-            return [
-                r[0]
-                for r in conn.execute(
-                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                )
-            ]
+            return [pid for pid, _ in leader_sessions(conn)]
 
     import urllib.request
 

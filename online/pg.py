@@ -225,6 +225,26 @@ def retain_traffic(db: Any, site: str, max_age_s: float, max_rows: int) -> None:
     )
 
 
+def application_name() -> str:
+    """Which process a session belongs to, as pg_stat_activity shows it (the pid first:
+    the server keeps 63 bytes)."""
+    return f"mp2a pid {os.getpid()} on {socket.gethostname()}"[:63]
+
+
+def leader_sessions(conn: Any) -> list[tuple[int, str]]:
+    """(backend pid, application name) of the session holding the leader's lock in the
+    connection's database (none or one), from pg_locks: a bigint advisory key shows as
+    classid (high 32 bits) and objid (low 32 bits) with objsubid 1."""
+    rows = conn.execute(
+        "SELECT l.pid, a.application_name FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1 "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (LEADER_KEY >> 32, LEADER_KEY & 0xFFFFFFFF),
+    ).fetchall()
+    return [(int(pid), str(name)) for pid, name in rows]
+
+
 class PgState:
     """State in one PostgreSQL database (see the module docstring)."""
 
@@ -280,7 +300,10 @@ class PgState:
         psycopg = _psycopg()
         try:
             return psycopg.connect(
-                self.dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT_S
+                self.dsn,
+                autocommit=autocommit,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                application_name=application_name(),
             )
         except psycopg.Error as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -319,7 +342,11 @@ class PgState:
             self.dsn,
             min_size=1,
             max_size=POOL_SIZE,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "application_name": application_name(),
+            },
             check=ConnectionPool.check_connection,  # a connection a restart broke is replaced
             open=False,
             name="mp2a",

@@ -157,8 +157,8 @@ def recover(state: State, site: str = DEFAULT_SITE) -> dict | None:
         return None
     reason = stale.pop("stale_reason")
     status = {**stale, "state": "failed", "reasons": [reason], "finished_at": now()}
-    state.write_status(status, site)
     record(state, status, site)
+    state.write_status(status, site)
     if (m := _metrics()) is not None:
         m.adaptation_runs.labels(outcome="failed").inc()
     log.warning("%s", reason)
@@ -215,9 +215,9 @@ def run_once(
             "seconds": round(time.time() - t0, 2),
         }
     status["finished_at"] = now()
-    state.write_status(status, site)
     if status["state"] != "accepted":  # an accepted run was recorded by its publish
         record(state, status, site)
+    state.write_status(status, site)  # after the record: an ended status is in the history
     if m is not None:
         m.adaptation_runs.labels(outcome=status["state"]).inc()
         m.adaptation_duration.observe(time.time() - t0)
@@ -514,8 +514,8 @@ def loop(
                 "seconds": 0.0,
                 "finished_at": now(),
             }
-            state.write_status(status, site)
             record(state, status, site)
+            state.write_status(status, site)
             if (m := _metrics()) is not None:
                 m.adaptation_runs.labels(outcome="failed").inc()
         else:

@@ -20,6 +20,7 @@ import pytest
 from test_serving_server import predict_ok, serve_client  # same folder (pytest's path)
 
 from mp2a.head import Head
+from online.pg import leader_sessions
 from online.state import open_state
 
 TOKEN = "fleet-test-token"
@@ -29,11 +30,7 @@ REPLICAS = 3
 
 def leaders(dsn: str) -> list[int]:
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        ).fetchall()
-    return [r[0] for r in rows]
+        return [pid for pid, _ in leader_sessions(conn)]
 
 
 def wait_for(what, check, timeout: float = 60.0, every: float = 0.1):

@@ -20,6 +20,7 @@ import pytest
 
 from mp2a.errors import ArtifactError
 from mp2a.head import Head
+from online.pg import leader_sessions
 from online.state import FileState, StateError, open_state
 
 
@@ -295,22 +296,20 @@ def test_kill_9_of_the_leading_worker_hands_the_lead_over(run, pg_dsn, tmp_path,
     another state takes the lead within seconds, and a status it left running reads failed."""
     cmd = [sys.executable, "-m", "online.worker", str(run), "--state", pg_dsn, "--poll", "0.2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while pg_state.try_lead():  # until the worker holds it
-            pg_state.release_lead()
-            assert time.time() < deadline and proc.poll() is None
-            time.sleep(0.2)
-        pg_state.write_status({"state": "running", "pid": proc.pid, "host": "h"})
-        import psycopg
+    import psycopg
 
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # as the leader writes it
-            (lead_pid,) = conn.execute(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            ).fetchone()
-            conn.execute(
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            deadline = time.time() + 180  # the worker's start (imports) on a busy machine
+            mine = f"mp2a pid {proc.pid} on "
+            while not (lead := [p for p, name in leader_sessions(conn) if name.startswith(mine)]):
+                assert time.time() < deadline and proc.poll() is None
+                time.sleep(0.2)
+            assert not pg_state.try_lead()
+            pg_state.write_status({"state": "running", "pid": proc.pid, "host": "h"})
+            conn.execute(  # as the leader writes it
                 "UPDATE adapt_status SET status = jsonb_set(status, '{leader_pid}', %s::jsonb)",
-                (json.dumps(lead_pid),),
+                (json.dumps(lead[0]),),
             )
         assert pg_state.read_status()["state"] == "running"
         proc.send_signal(signal.SIGKILL)
