@@ -97,7 +97,7 @@ def test_three_replicas_one_state(street_run, digits_small, pg_dsn, tmp_path):
         wait_for(
             "all replicas serve the publish",
             lambda: all(c.get("/model").json()["version"] == str(v) for c in clients),
-            timeout=10,
+            timeout=60,
         )
         assert all(predict_ok(c, files[0])["model_version"] == str(v) for c in clients)
         r = clients[1].post("/rollback", headers=AUTH)
@@ -105,7 +105,7 @@ def test_three_replicas_one_state(street_run, digits_small, pg_dsn, tmp_path):
         wait_for(
             "all replicas rolled back",
             lambda: all(c.get("/model").json()["version"] == "1" for c in clients),
-            timeout=10,
+            timeout=60,
         )
 
         # POST /adapt on one replica: one run for the fleet, the same status everywhere

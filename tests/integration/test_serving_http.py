@@ -290,7 +290,7 @@ def permuted_head(run: Path, shift: int = 1) -> Head:
     return Head(np.roll(h.weight, shift, axis=1), h.logit_scale * 0.9)
 
 
-def wait_version(c: TestClient, image: bytes, version: str, timeout: float = 10.0) -> dict:
+def wait_version(c: TestClient, image: bytes, version: str, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = post_image(c, image).json()

@@ -120,7 +120,7 @@ def test_traffic_offer_read_and_caps(state, run):
     for i, e in enumerate(x):
         assert store.offer(e, i % 10, 0.5, "1")
     store.flush(30)
-    deadline = time.time() + 10
+    deadline = time.time() + 60
     while state.traffic_count() > 50 and time.time() < deadline:  # retention runs each second
         time.sleep(0.2)
     store.close()
