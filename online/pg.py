@@ -804,11 +804,16 @@ class PgState:
             if not isinstance(status, dict) or status.get("state") != "running":
                 return status
             pid = status.get("leader_pid")
-            alive = (
-                isinstance(pid, int)
-                and conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-                is not None
-            )
+            if self._lead is not None:  # the lead is one session's: a run of another is over
+                alive = pid == self._lead_pid  # (its backend may still be on its way out)
+            else:
+                alive = (
+                    isinstance(pid, int)
+                    and conn.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)
+                    ).fetchone()
+                    is not None
+                )
         if not alive:
             status = {
                 **status,

@@ -166,13 +166,16 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def stale_reason(status: dict) -> str | None:
-    """Why a "running" status is a dead run's leftover (its worker process, on this host, no
-    longer exists), or None. A status written on another host is never judged from here."""
-    if status.get("state") != "running" or status.get("host") != socket.gethostname():
+def stale_reason(status: dict, leading: bool = False) -> str | None:
+    """Why a "running" status is a dead run's leftover, or None: its worker process, on this
+    host, no longer exists; or this process holds the lead and the run is not its own (the
+    lead is exclusive; the killed holder may not be reaped yet). A status written on another
+    host is otherwise never judged from here."""
+    if status.get("state") != "running":
         return None
-    pid = status.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or pid_alive(pid):
+    pid, here = status.get("pid"), status.get("host") == socket.gethostname()
+    dead = here and isinstance(pid, int) and pid > 0 and not pid_alive(pid)
+    if not dead and not (leading and not (here and pid == os.getpid())):
         return None
     return (
         f"the adaptation worker (pid {pid}) ended during the run (killed or crashed); the "
@@ -357,13 +360,13 @@ class FileState:
 
     def read_status(self, site: str = DEFAULT_SITE) -> dict | None:
         status = self._raw_status(site)
-        if status is not None and (reason := stale_reason(status)) is not None:
+        if status is not None and (reason := stale_reason(status, self._lead is not None)):
             status = {**status, "state": "failed", "reasons": [reason]}
         return status
 
     def stale_status(self, site: str = DEFAULT_SITE) -> dict | None:
         status = self._raw_status(site)
-        if status is None or (reason := stale_reason(status)) is None:
+        if status is None or (reason := stale_reason(status, self._lead is not None)) is None:
             return None
         return {**status, "stale_reason": reason}
 

@@ -6,8 +6,10 @@ of another artifact, a restart under load, and the advisory-lock leader with a r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -144,6 +146,39 @@ def test_one_leader_at_a_time_and_takeover(state, run, tmp_path):
         assert other.try_lead() and not state.try_lead()
     finally:
         other.close()
+
+
+def test_the_leader_reads_a_run_it_does_not_own_as_over(state, run, tmp_path):
+    """The killed leader's process (files) or session (PostgreSQL) can outlive its lock for a
+    moment. Whoever takes the lead in that moment still sees its run as over and records it."""
+    from online import worker
+
+    sleeper = subprocess.Popen(["sleep", "60"])  # alive: the run's process, not yet reaped
+    other = None
+    try:
+        status = {"state": "running", "pid": sleeper.pid, "host": socket.gethostname()}
+        if state.kind != "files":  # a live session that is not the leader's
+            import psycopg
+
+            other = psycopg.connect(state.dsn)
+            (backend,) = other.execute("SELECT pg_backend_pid()").fetchone()
+            status["leader_pid"] = backend
+        state.write_status(status)
+        assert state.read_status()["state"] == "running"  # to a reader that does not lead
+        assert state.try_lead()
+        assert state.read_status()["state"] == "failed"
+        recovered = worker.recover(state)
+        assert recovered["state"] == "failed" and f"pid {sleeper.pid}" in recovered["reasons"][0]
+        assert state.decisions()[0]["pid"] == sleeper.pid
+        state.write_status({"state": "running", "pid": os.getpid(), "host": socket.gethostname()})
+        assert state.read_status()["state"] == "running"  # the leader's own run
+        assert worker.recover(state) is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        if other is not None:
+            other.close()
+        state.release_lead()
 
 
 # ------------------------------------------------------------------- PostgreSQL only
