@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,14 +113,23 @@ def run(quick: bool = False, work: Path | None = None) -> dict:
     return result
 
 
-def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
-    data, stream_root, base = _prepare(plan, work)
-    classes = json.loads((data / "meta.json").read_text())["classes"]
-    tokens = {s: secrets.token_hex(16) for s in SITES}
-    admin = secrets.token_hex(16)
+@contextlib.contextmanager
+def hub_and_edges(
+    hub_run: Path,
+    edge_runs: dict[str, Path],
+    work: Path,
+    tokens: dict[str, str],
+    admin: str,
+    *,
+    hub_env: dict[str, str] | None = None,
+    edge_env: dict[str, dict[str, str]] | None = None,
+) -> Iterator[tuple[ServerProcess, dict[str, ServerProcess]]]:
+    """A hub (`mp2a serve` with the online loop, the admin and the sites' tokens; it adapts
+    only when asked) and one edge server per site (`--hub URL --site S`), real processes
+    stopped on exit. `hub_env` and `edge_env[site]` add or override settings."""
     env0 = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    hub_run = _fresh_copy(base, work / "hub")
-    hub_env = {
+    serve = [sys.executable, "-m", "mp2a", "serve"]
+    env = {
         **env0,
         "BENTOML_HOME": str(work / "bentoml-hub"),
         "MP2A_ONLINE": "1",
@@ -128,24 +138,37 @@ def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
         "MP2A_ADAPT_MIN_SAMPLES": "20",
         "MP2A_ADAPT_INTERVAL_S": "1e9",
         "MP2A_ADAPT_MIN_NEW": str(10**9),
+        **(hub_env or {}),
     }
-    serve = [sys.executable, "-m", "mp2a", "serve"]
-    hub = ServerProcess([*serve, str(hub_run), "--host", "127.0.0.1"], hub_env, work / "hub.log",
-                        REPO_ROOT).start()  # fmt: skip
-    stack.callback(hub.stop)
-    edges: dict[str, ServerProcess] = {}
-    for site in SITES:
-        run = _fresh_copy(base, work / f"edge-{site}")
-        env = {
-            **env0,
-            "BENTOML_HOME": str(work / f"bentoml-{site}"),
-            "MP2A_EDGE_TOKEN": tokens[site],
-        }
-        if site == PROBED:
-            env["MP2A_STORE_MAX_ROWS"] = str(plan.buffer_cap)
-        cmd = [*serve, str(run), "--host", "127.0.0.1", "--hub", hub.url, "--site", site]
-        edges[site] = ServerProcess(cmd, env, work / f"edge-{site}.log", REPO_ROOT).start()
-        stack.callback(edges[site].stop)
+    with contextlib.ExitStack() as stack:
+        hub = ServerProcess([*serve, str(hub_run), "--host", "127.0.0.1"], env, work / "hub.log",
+                            REPO_ROOT).start()  # fmt: skip
+        stack.callback(hub.stop)
+        edges: dict[str, ServerProcess] = {}
+        for site, run in edge_runs.items():
+            env = {
+                **env0,
+                "BENTOML_HOME": str(work / f"bentoml-{site}"),
+                "MP2A_EDGE_TOKEN": tokens[site],
+                **(edge_env or {}).get(site, {}),
+            }
+            cmd = [*serve, str(run), "--host", "127.0.0.1", "--hub", hub.url, "--site", site]
+            edges[site] = ServerProcess(cmd, env, work / f"edge-{site}.log", REPO_ROOT).start()
+            stack.callback(edges[site].stop)
+        yield hub, edges
+
+
+def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
+    data, stream_root, base = _prepare(plan, work)
+    classes = json.loads((data / "meta.json").read_text())["classes"]
+    tokens = {s: secrets.token_hex(16) for s in SITES}
+    admin = secrets.token_hex(16)
+    hub_run = _fresh_copy(base, work / "hub")
+    runs = {site: _fresh_copy(base, work / f"edge-{site}") for site in SITES}
+    probed = {PROBED: {"MP2A_STORE_MAX_ROWS": str(plan.buffer_cap)}}
+    hub, edges = stack.enter_context(
+        hub_and_edges(hub_run, runs, work, tokens, admin, edge_env=probed)
+    )
 
     hub_state = FileState(hub_run)
     inputs = {}

@@ -12,9 +12,7 @@ import contextlib
 import hashlib
 import http.server
 import json
-import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ import numpy as np
 import pytest
 from test_serving_server import predict_ok
 
+from benchmarks.edge import hub_and_edges
 from benchmarks.procs import ServerProcess
 from mp2a import versions
 from mp2a.errors import ArtifactError
@@ -61,38 +60,13 @@ def fleet(
     street_run: Path, tmp: Path
 ) -> Iterator[tuple[ServerProcess, dict[str, ServerProcess], Path]]:
     hub_run = copy_run(street_run, tmp / "hub-run")
-    base_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    hub_env = {
-        **base_env,
-        "BENTOML_HOME": str(tmp / "bentoml-hub"),
-        "MP2A_ONLINE": "1",
-        "MP2A_ADMIN_TOKEN": ADMIN,
-        "MP2A_EDGE_TOKENS": ",".join(f"{s}={t}" for s, t in TOKENS.items()),
-        "MP2A_ADAPT_MIN_SAMPLES": "20",
-        "MP2A_ADAPT_STAGES": "2",
-        "MP2A_ADAPT_STEPS": "10",
-        "MP2A_ADAPT_INTERVAL_S": "1e9",
-        "MP2A_ADAPT_MIN_NEW": str(10**9),
-    }
-    cmd = [sys.executable, "-m", "mp2a", "serve"]
-    hub_cmd = [*cmd, str(hub_run), "--host", "127.0.0.1"]
-    hub = ServerProcess(hub_cmd, hub_env, tmp / "hub.log").start()
-    edges: dict[str, ServerProcess] = {}
-    try:
-        for site in TOKENS:
-            run = copy_run(street_run, tmp / f"edge-{site}")
-            env = {
-                **base_env,
-                "BENTOML_HOME": str(tmp / f"bentoml-{site}"),
-                "MP2A_EDGE_TOKEN": TOKENS[site],
-                "MP2A_EDGE_POLL_S": "0.5",
-            }
-            args = [str(run), "--host", "127.0.0.1", "--hub", hub.url, "--site", site]
-            edges[site] = ServerProcess([*cmd, *args], env, tmp / f"edge-{site}.log").start()
+    runs = {site: copy_run(street_run, tmp / f"edge-{site}") for site in TOKENS}
+    with hub_and_edges(
+        hub_run, runs, tmp, TOKENS, ADMIN,
+        hub_env={"MP2A_ADAPT_STAGES": "2", "MP2A_ADAPT_STEPS": "10"},
+        edge_env={site: {"MP2A_EDGE_POLL_S": "0.5"} for site in TOKENS},
+    ) as (hub, edges):  # fmt: skip
         yield hub, edges, hub_run
-    finally:
-        for s in [*edges.values(), hub]:
-            s.stop()
 
 
 def test_a_hub_and_three_edges(street_run, digits_small, tmp_path):
