@@ -13,7 +13,7 @@ PORT ?= 3000
 RUNS := runs
 DEFAULT_RUN := $(RUNS)/default
 
-.PHONY: venv test lint serve zeroshot-table results clean
+.PHONY: venv test test-deps lint serve zeroshot-table results clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,7 +28,25 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+# The test prerequisites, from Debian packages when missing: a real Prometheus (scrape test,
+# promtool for the dashboard), PostgreSQL (initdb + pg_ctl; the tests start it themselves in a
+# temp folder) and pgbouncer (the fleet's pooled connections). The packages' own services do
+# not matter. The one place that installs them: `make test` here and in CI (.ci/run).
+TEST_DEPS_MISSING = $(strip \
+  $(if $(shell command -v prometheus),,prometheus) \
+  $(if $(wildcard /usr/lib/postgresql/*/bin/initdb),,postgresql) \
+  $(if $(shell command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null),,pgbouncer))
+
+test-deps:
+	@need="$(TEST_DEPS_MISSING)"; if [ -n "$$need" ]; then \
+	  command -v apt-get >/dev/null || { echo "make test needs: $$need (install them)"; exit 2; }; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	  echo "installing the test prerequisites: $$need"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$need; \
+	fi
+
+test: lint test-deps
 	$(PY) -m pytest
 
 $(DATA)/meta.json: | venv

@@ -107,7 +107,7 @@ def pg_server():
     from benchmarks.pgserver import INSTALL_HINT, PgServer, pg_bindir
 
     if pg_bindir() is None:
-        pytest.skip(f"needs the PostgreSQL server ({INSTALL_HINT}); .ci/run installs it")
+        pytest.fail(f"needs the PostgreSQL server ({INSTALL_HINT}); `make test` installs it")
     server = PgServer().start()
     yield server
     server.destroy()

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from image_env import PROJECT, image_modules  # tests/ (pytest's path)
 from PIL import Image
+from prereqs import require_binary
 
 from benchmarks.procs import descendants, free_port
 from mp2a.artifact import load_artifact
@@ -238,13 +239,8 @@ def test_real_server_hot_swaps_a_published_version_and_rolls_back(run_dir, expec
         check(r.json(), new.probs(emb[:1])[0], art.classes)
 
 
-PROMETHEUS = shutil.which("prometheus")
-
-
-@pytest.mark.skipif(
-    PROMETHEUS is None, reason="needs the prometheus server (apt-get install prometheus)"
-)
 def test_prometheus_scrapes_the_latency_histogram(server, run_dir, expected, tmp_path):
+    prometheus = require_binary("prometheus", "prometheus")
     port = int(server.rsplit(":", 1)[1])
     prom_port = free_port()
     config = tmp_path / "prometheus.yml"
@@ -262,7 +258,7 @@ def test_prometheus_scrapes_the_latency_histogram(server, run_dir, expected, tmp
         )
     )
     cmd = [
-        str(PROMETHEUS),
+        prometheus,
         f"--config.file={config}",
         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{prom_port}",

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from prereqs import require_binary  # tests/ (pytest's path)
 
 from mp2a.metrics import NAMES
 
@@ -33,13 +32,13 @@ def test_panels_are_described_and_use_existing_metrics():
     assert {"mp2a_inference_latency_seconds", "mp2a_adaptation_runs_total"} <= base
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with prometheus")
 def test_every_query_is_valid_promql(tmp_path):
+    promtool = require_binary("promtool", "prometheus")
     lines = ["groups:", "  - name: dashboard", "    rules:"]
     for i, e in enumerate(exprs()):
         e = e.replace("$__rate_interval", "1m").replace("$job", ".*")
         lines += [f"      - record: dashboard:query{i}", f"        expr: {json.dumps(e)}"]
     rules = tmp_path / "rules.yml"
     rules.write_text("\n".join(lines) + "\n")
-    out = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True)
+    out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
