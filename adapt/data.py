@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -42,7 +44,7 @@ class Dataset:
 
     @property
     def classes(self) -> list[str]:
-        return [c.replace("_", " ") for c in self.class_folders]
+        return [label_of(c) for c in self.class_folders]
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -52,7 +54,11 @@ def _images_in(folder: Path) -> list[Path]:
 def open_dataset(root: Path | str) -> Dataset:
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; create one with `mp2a data digits`")
+        raise DataError(
+            f"data folder {root} does not exist; point --data at a folder of your images laid "
+            "out DIR/<domain>/<class>/<image> (README: Your own data), or build the benchmark "
+            "with `mp2a data digits --out DIR`"
+        )
     domains = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not domains:
         raise DataError(f"{root} has no domain folders; expected {root}/<domain>/<class>/<image>")
@@ -69,7 +75,64 @@ def open_dataset(root: Path | str) -> Dataset:
         template = info.get("prompt_template")
         if sorted(info.get("classes", [])) == class_folders:
             class_folders = list(info["classes"])
+    check_unique_labels(root, class_folders)
     return Dataset(root, domains, class_folders, template)
+
+
+def label_of(folder: str) -> str:
+    """A class folder's label: `_` becomes a space (`desk_chair` -> "desk chair")."""
+    return folder.replace("_", " ")
+
+
+def check_unique_labels(root: Path, class_folders: list[str]) -> None:
+    """Two folders that give one label (`desk_chair` and `desk chair`) would merge two
+    classes in every answer and metric: refuse, naming both."""
+    seen: dict[str, str] = {}
+    for c in class_folders:
+        other = seen.setdefault(label_of(c), c)
+        if other != c:
+            raise DataError(
+                f"class folders {other!r} and {c!r} in {root} both give the label "
+                f"{label_of(c)!r} (`_` reads as a space); rename or merge one of them"
+            )
+
+
+class LabeledDomain(Protocol):
+    name: str
+    labels: np.ndarray
+
+    @property
+    def labeled(self) -> bool: ...
+
+
+def warn_missing_classes(ds: Dataset, domains: Sequence[LabeledDomain], target: str) -> list[str]:
+    """One warning per labeled domain that lacks some classes, and one for the classes only
+    the target has (no source teaches them). Returns the warnings (also logged)."""
+    out: list[str] = []
+    classes = ds.classes
+    present: dict[str, set[int]] = {}
+    for d in domains:
+        if not d.labeled:
+            continue
+        present[d.name] = set(np.unique(d.labels).tolist())
+        missing = [classes[i] for i in range(len(classes)) if i not in present[d.name]]
+        if missing:
+            out.append(
+                f"domain {d.name!r} has no images of {len(missing)} class(es): "
+                + ", ".join(repr(m) for m in missing)
+            )
+    sources = [n for n in present if n != target]
+    if target in present and sources:
+        taught = set().union(*(present[n] for n in sources))
+        only = [classes[i] for i in sorted(present[target] - taught)]
+        if only:
+            out.append(
+                "class(es) only the target has (no source domain teaches them): "
+                + ", ".join(repr(m) for m in only)
+            )
+    for w in out:
+        log.warning("%s", w)
+    return out
 
 
 def check_domains(ds: Dataset, names: list[str]) -> None:

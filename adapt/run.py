@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapt.data import UNLABELED, Dataset, DomainData, check_domains, has_splits, open_dataset
+from adapt.data import (
+    UNLABELED,
+    Dataset,
+    DomainData,
+    check_domains,
+    has_splits,
+    open_dataset,
+    warn_missing_classes,
+)
 from adapt.data import read_domain as _read_domain
 from adapt.features import cached_features
 from adapt.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -52,6 +60,7 @@ class AdaptRequest:
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     cache_dir: Path | None = None
     progress: bool = True
+    force: bool = False  # replace a run folder holding online state (traffic, versions)
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,44 @@ def _report_png(per_stage: list[dict], title: str) -> bytes:
     return buf.getvalue()
 
 
+def online_state_in(out: Path) -> list[str]:
+    """What a served run folder holds beside the artifact that a rewrite would delete: the
+    collected traffic (traffic.sqlite and its journal files) and the published versions."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("traffic.sqlite")) + (
+        ["versions/"] if (out / "versions").is_dir() else []
+    )
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to overwrite a run's online state unless `force`; with it, say what goes."""
+    held = online_state_in(out)
+    if not held:
+        return
+    if not force:
+        raise DataError(
+            f"{out} holds online state ({', '.join(held)}: collected traffic, published "
+            "versions) that a new artifact there would delete; choose another --out, or pass "
+            "--force to remove it"
+        )
+    log.warning("--force: replacing %s removes %s", out, ", ".join(held))
+
+
+def check_template(template: str, where: str) -> None:
+    if "{}" not in template:
+        raise DataError(
+            f"{where} {template!r} has no {{}} for the class name; write e.g. 'a photo of a {{}}.'"
+        )
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError) as e:
+        raise DataError(
+            f"{where} {template!r} is not a template with one {{}} ({e}); "
+            "write e.g. 'a photo of a {}.' (double other braces: {{ }})"
+        ) from None
+
+
 def _read(ds: Dataset, name: str, split: str) -> DomainData:
     return _read_domain(ds, name, split if has_splits(ds, name) else None)
 
@@ -148,6 +195,11 @@ def adapt(req: AdaptRequest) -> dict:
             f"no source domain: {ds.root} has only {req.target!r}; add labeled source domains "
             "(every artifact keeps source features for online re-adaptation)"
         )
+    check_out(Path(req.out), req.force)
+    if req.template:
+        check_template(req.template, "--template")
+    elif ds.prompt_template:
+        check_template(ds.prompt_template, f"{ds.root / 'meta.json'} prompt_template")
     template = req.template or ds.prompt_template or DEFAULT_TEMPLATE
 
     lm = load_model(req.model, req.pretrained)
@@ -160,6 +212,7 @@ def adapt(req: AdaptRequest) -> dict:
         if not s.labeled:
             raise DataError(f"source domain {s.name!r} has unlabeled images; sources need labels")
 
+    warnings = warn_missing_classes(ds, [target, *srcs], req.target)
     scale = float(lm.model.logit_scale.exp())
     zs = Head(weight=class_text_features(lm, ds.classes, template).numpy()[None], logit_scale=scale)
     per_stage: list[dict] = []
@@ -195,6 +248,8 @@ def adapt(req: AdaptRequest) -> dict:
         prompts = learner.arrays()
         prompt_config = learner.config(cfg)
 
+    if head_fit is not None:  # the classes by name, as every other figure a user reads
+        head_fit["empty_classes"] = [ds.classes[i] for i in head_fit["empty_classes"]]
     target_acc = accuracy(head.probs(test.features), test.labels) if test.labeled else None
     metrics = {
         "method": req.method,
@@ -211,6 +266,7 @@ def adapt(req: AdaptRequest) -> dict:
         "n_target": len(target.labels),
         "n_test": len(test.labels),
         "skipped_images": target.skipped + sum(s.skipped for s in srcs),
+        "warnings": warnings,
         "model": lm.backbone.model,
         "template": template,
         "seed": req.seed,

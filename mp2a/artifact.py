@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from safetensors.numpy import load_file, save_file
 from mp2a.errors import ArtifactError
 from mp2a.head import PROMPT, Head
 from mp2a.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -166,6 +169,33 @@ def save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
         os.fsync(f.fileno())
 
 
+# export files made from the head (they go stale with a new head, the encoders do not)
+HEAD_EXPORTS = ("edge_model.onnx",)
+
+
+def _carry_export(old: Path, manifest: dict, new: Path) -> list[str]:
+    """Copy old/export into the new artifact as far as it still matches it; returns the
+    names left behind. The encoders hold for the same backbone and preprocessing; a fused
+    head model and the parity reports (measured through the old head) do not, and nothing
+    does for another backbone, so that `mp2a serve` exports afresh instead of serving a
+    mismatched encoder."""
+    src = old / "export"
+    if not src.is_dir():
+        return []
+    names = sorted(p.name for p in src.iterdir())
+    try:
+        before = json.loads((old / MANIFEST).read_text())
+        now = json.loads(json.dumps(manifest))  # tuples read back as lists
+        same = all(before.get(k) == now[k] for k in ("backbone", "preprocessing"))
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        return names
+    stale = [n for n in names if n in HEAD_EXPORTS or n.startswith("parity")]
+    shutil.copytree(src, new / "export", ignore=lambda _d, _n: stale)
+    return stale
+
+
 def write_artifact(out: Path, c: ArtifactContents) -> Path:
     """Write an artifact atomically to `out`; an existing artifact there is replaced whole."""
     out = Path(out)
@@ -204,9 +234,15 @@ def write_artifact(out: Path, c: ArtifactContents) -> Path:
         fsync_dir(tmp)
         if out.exists():
             # Keep anything added later beside the model files (exports) across a rewrite.
-            old_export = out / "export"
-            if old_export.is_dir():
-                shutil.copytree(old_export, tmp / "export")
+            dropped = _carry_export(out, manifest, tmp)
+            if dropped:
+                log.warning(
+                    "%s/export: removed %s (made for the previous model); run `mp2a export %s "
+                    "--format onnx` again for them",
+                    out,
+                    ", ".join(dropped),
+                    out,
+                )
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, trash / "old")
             os.rename(tmp, out)

@@ -18,10 +18,15 @@ from mp2a.errors import Mp2aError
 log = logging.getLogger("mp2a")
 
 
+def split_list(text: str) -> list[str]:
+    """A comma-separated list as users type it: `amazon, dslr` is `amazon,dslr`."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _cmd_data_digits(args: argparse.Namespace) -> int:
     from adapt.digits import build_digits
 
-    domains = [d for d in args.domains.split(",") if d] if args.domains else None
+    domains = split_list(args.domains) if args.domains else None
     meta = build_digits(
         Path(args.out),
         seed=args.seed,
@@ -39,7 +44,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     from adapt.progressive import FitConfig
     from adapt.run import AdaptRequest, adapt
 
-    sources = tuple(s for s in args.sources.split(",") if s) if args.sources else None
+    sources = tuple(split_list(args.sources)) if args.sources else None
     cache = None if args.no_cache else Path(args.cache_dir or default_cache_dir())
     metrics = adapt(
         AdaptRequest(
@@ -61,6 +66,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
             ),
             cache_dir=cache,
             progress=not args.quiet,
+            force=args.force,
         )
     )
     acc = metrics["target_accuracy"]
@@ -143,22 +149,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """`--help` shows each option's default, where it has a value worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mp2a", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="build a benchmark dataset")
+    data = sub.add_parser(
+        "data", help="build a benchmark dataset", formatter_class=_HelpWithDefaults
+    )
     data_sub = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
-    dg = data_sub.add_parser("digits", help="DigitsDA: printed, handwritten, textured, street")
+    dg = data_sub.add_parser(
+        "digits",
+        help="DigitsDA: printed, handwritten, textured, street",
+        formatter_class=_HelpWithDefaults,
+    )
     dg.add_argument("--out", required=True, help="output folder DIR/<domain>/<class>/*.png")
-    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--seed", type=int, default=0, help="random seed")
     dg.add_argument("--per-class", type=int, default=100, help="images per class and domain")
     dg.add_argument("--domains", help="comma-separated subset (default: all four)")
     dg.add_argument("--quiet", action="store_true")
     dg.set_defaults(func=_cmd_data_digits)
 
-    ad = sub.add_parser("adapt", help="adapt to a target domain and write an artifact")
+    ad = sub.add_parser(
+        "adapt",
+        help="adapt to a target domain and write an artifact",
+        formatter_class=_HelpWithDefaults,
+    )
     ad.add_argument("--data", required=True, help="ImageFolder root: DIR/<domain>/<class>/*")
     ad.add_argument("--target", required=True, help="target domain (its labels: evaluation only)")
     ad.add_argument("--sources", help="comma-separated source domains (default: all others)")
@@ -171,37 +198,58 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default="tiny-digits", help="tiny-digits, an open_clip name, or a model folder"
     )
     ad.add_argument("--pretrained", help="open_clip tag, checkpoint file, or 'random'")
-    ad.add_argument("--template", help="hand prompt, e.g. 'a photo of a {}.'")
-    ad.add_argument("--seed", type=int, default=0)
+    ad.add_argument(
+        "--template",
+        help="hand prompt with {} for the class name (default: the data's meta.json "
+        "prompt_template, else 'a photo of a {}.')",
+    )
+    ad.add_argument("--seed", type=int, default=0, help="random seed")
     ad.add_argument("--stages", type=int, default=5, help="progressive stages T")
     ad.add_argument("--r0", type=float, default=0.2, help="first stage's selected fraction")
     ad.add_argument("--schedule", default="linear", help="r_t growth: linear, cosine or exp")
-    ad.add_argument("--steps-per-stage", type=int, default=100)
+    ad.add_argument("--steps-per-stage", type=int, default=100, help="training steps per stage")
     ad.add_argument("--agreement", type=float, default=1.0, help="L1 agreement loss weight")
     ad.add_argument("--out", required=True, help="artifact folder to write")
-    ad.add_argument("--cache-dir", help="feature cache (default: $MP2A_CACHE_DIR or ~/.cache)")
+    ad.add_argument(
+        "--cache-dir", help="feature cache (default: $MP2A_CACHE_DIR or ~/.cache/mp2a/features)"
+    )
     ad.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     ad.add_argument("--quiet", action="store_true", help="no progress bars")
+    ad.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an --out run holding online state (its traffic.sqlite and versions/)",
+    )
     ad.set_defaults(func=_cmd_adapt)
 
-    ex = sub.add_parser("export", help="export the image encoder, with a parity report")
+    ex = sub.add_parser(
+        "export",
+        help="export the image encoder, with a parity report",
+        formatter_class=_HelpWithDefaults,
+    )
     ex.add_argument("run", help="artifact folder (from mp2a adapt)")
     ex.add_argument("--format", required=True, help="onnx, onnx-int8 or tensorrt")
     ex.add_argument("--data", help="dataset holding the target images (default: from metrics)")
     ex.add_argument("--n", type=int, default=512, help="parity images")
     ex.set_defaults(func=_cmd_export)
 
-    sv = sub.add_parser("serve", help="serve an artifact over HTTP (BentoML)")
+    sv = sub.add_parser(
+        "serve", help="serve an artifact over HTTP (BentoML)", formatter_class=_HelpWithDefaults
+    )
     sv.add_argument("run", help="artifact folder (from mp2a adapt)")
-    sv.add_argument("--port", type=int, default=3000)
-    sv.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    sv.add_argument("--port", type=int, default=3000, help="TCP port, 1-65535")
+    sv.add_argument("--host", default="0.0.0.0", help="address to bind (0.0.0.0: all)")
     sv.add_argument("--backend", default="ort", help="ort (exported encoder) or torch")
     sv.add_argument("--precision", default="fp32", help="ort encoder: fp32 or int8")
     sv.add_argument("--hub", help="an edge: the hub's URL (with --site and MP2A_EDGE_TOKEN)")
     sv.add_argument("--site", help="an edge: this site's name on the hub")
     sv.set_defaults(func=_cmd_serve)
 
-    bn = sub.add_parser("bench", help="benchmarks; figures as one JSON object on stdout")
+    bn = sub.add_parser(
+        "bench",
+        help="benchmarks; figures as one JSON object on stdout",
+        formatter_class=_HelpWithDefaults,
+    )
     bn.add_argument("what", choices=["adapt", "export", "serving", "online", "fleet", "edge"])
     bn.add_argument("--json", action="store_true", help="compact JSON (one line)")
     bn.add_argument("--quick", action="store_true", help="small models only")
@@ -212,10 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--work", help="online, fleet, edge: keep the work folder (online: reuse it)")
     bn.set_defaults(func=_cmd_bench)
 
-    pt = sub.add_parser("pretrain-tiny", help="re-train the embedded tiny CLIP from scratch")
+    pt = sub.add_parser(
+        "pretrain-tiny",
+        help="re-train the embedded tiny CLIP from scratch",
+        formatter_class=_HelpWithDefaults,
+    )
     pt.add_argument("--out", required=True, help="model folder to write")
-    pt.add_argument("--steps", type=int, default=1500)
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--steps", type=int, default=1500, help="training steps")
+    pt.add_argument("--seed", type=int, default=0, help="random seed")
     pt.set_defaults(func=_cmd_pretrain_tiny)
     return p
 

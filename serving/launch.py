@@ -12,9 +12,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from mp2a.artifact import load_artifact
@@ -102,6 +104,46 @@ def check_state(run: Path) -> None:
         raise Mp2aError(str(e)) from None
 
 
+MIN_TOKEN_CHARS = 16  # as the edge tokens (online/hub.py)
+
+
+def check_admin_token(env: Mapping[str, str]) -> None:
+    """MP2A_ADMIN_TOKEN, when set, is long enough to resist guessing and has no whitespace
+    around it (a token read from a file keeps its newline, and then never matches)."""
+    token = env.get("MP2A_ADMIN_TOKEN")
+    if token is None or token == "":
+        return
+    if token != token.strip():
+        raise Mp2aError(
+            "MP2A_ADMIN_TOKEN has whitespace around it (a newline from a file?); set it "
+            'without, e.g. MP2A_ADMIN_TOKEN="$(tr -d \'[:space:]\' < token.txt)"'
+        )
+    if len(token) < MIN_TOKEN_CHARS:
+        raise Mp2aError(
+            f"MP2A_ADMIN_TOKEN is shorter than {MIN_TOKEN_CHARS} characters; use a random one "
+            "(openssl rand -hex 16)"
+        )
+
+
+def check_port(port: int, host: str) -> None:
+    """The port is a TCP port and free on `host`: one line now, instead of BentoML's
+    traceback once it fails to bind (or a silent modulo 65536 for a number too large)."""
+    if not 1 <= port <= 65535:
+        raise Mp2aError(f"--port {port} is not a TCP port; choose one in 1..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            s.bind((host, port))
+        except socket.gaierror:
+            raise Mp2aError(f"--host {host!r} is not an address of this machine") from None
+        except OSError as e:
+            raise Mp2aError(
+                f"port {port} on {host} is not free ({e.strerror}): another server holds it; "
+                "stop it or choose another --port"
+            ) from None
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -117,6 +159,8 @@ def serve(
 ) -> int:
     """Serve `run` until interrupted; returns the server's exit code. With `hub` and `site`,
     the server is an edge of that hub (uploads its traffic, installs the site's heads)."""
+    check_port(port, host)
+    check_admin_token(os.environ)
     if backend not in BACKENDS:
         raise Mp2aError(f"unknown backend {backend!r}. Available: {', '.join(BACKENDS)}")
     if precision not in ENCODERS:

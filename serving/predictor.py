@@ -50,9 +50,11 @@ class Upload:
 def answer(p: np.ndarray, classes: Sequence[str], top_k: int, version: str) -> dict:
     """One image's JSON answer from its (C,) probabilities."""
     order = np.argsort(-p, kind="stable")[:top_k]
-    top = [{"label": classes[i], "score": float(p[i])} for i in order]
-    return {"label": top[0]["label"], "score": top[0]["score"], "top_k": top,
-            "model_version": version}  # fmt: skip
+    # the class index too: it tells classes apart whatever their labels, and is the
+    # position in GET /model's `classes`
+    top = [{"label": classes[i], "score": float(p[i]), "index": int(i)} for i in order]
+    return {"label": top[0]["label"], "score": top[0]["score"], "index": top[0]["index"],
+            "top_k": top, "model_version": version}  # fmt: skip
 
 
 class Predictor:

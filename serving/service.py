@@ -47,7 +47,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import bentoml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
 from mp2a.artifact import load_artifact
@@ -95,11 +95,13 @@ MAX_BATCH_IMAGES = _env_int("MP2A_MAX_BATCH_IMAGES", 64)
 class TopK(BaseModel):
     label: str
     score: float
+    index: int = Field(description="the class's position in GET /model's classes")
 
 
 class PredictResponse(BaseModel):
     label: str
     score: float
+    index: int = Field(description="the top class's position in GET /model's classes")
     top_k: list[TopK]
     model_version: str
 

@@ -98,6 +98,8 @@ def served_probs(body: dict, classes: list[str]) -> dict[str, float]:
 def assert_matches(body: dict, probs: np.ndarray, classes: list[str], tol: float = 1e-4) -> None:
     got = served_probs(body, classes)
     assert body["label"] == classes[int(np.argmax(probs))]
+    assert body["index"] == int(np.argmax(probs)) == body["top_k"][0]["index"]
+    assert all(classes[t["index"]] == t["label"] for t in body["top_k"])
     for label, score in got.items():
         assert abs(score - probs[classes.index(label)]) <= tol, (label, score)
     scores = list(got.values())

@@ -192,3 +192,24 @@ def test_bad_row_figures_are_refused():
         Head(w, 1.0, row_scale=np.ones(3, np.float32))
     with pytest.raises(ValueError, match="sum to 1"):
         Head(w, 1.0, row_weight=np.array([0.7, 0.7], np.float32))
+
+
+def test_rewrite_drops_the_exports_made_for_the_old_head(tmp_path):
+    """A new head keeps the encoders of its backbone but not what was fused with or measured
+    through the old head; another backbone keeps nothing (serve then exports afresh)."""
+    import dataclasses
+
+    run = tmp_path / "run"
+    write_artifact(run, small_contents(0))
+    export = run / "export"
+    export.mkdir()
+    for name in ("image_encoder.onnx", "export.json", "edge_model.onnx", "parity.json"):
+        (export / name).write_text(name)
+    (export / "parity-onnx.json").write_text("{}")
+    write_artifact(run, small_contents(1, version=2))
+    assert sorted(p.name for p in export.iterdir()) == ["export.json", "image_encoder.onnx"]
+
+    other = dataclasses.replace(small_contents(2), backbone=Backbone("other", None, "cd" * 32, 8))
+    write_artifact(run, other)
+    assert not export.exists()
+    assert load_artifact(run).backbone.model == "other"
