@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import hmac
 import json
+import logging
 import os
 import uuid
 from typing import Any, Literal
@@ -31,8 +32,10 @@ from online import worker
 from online.hub import MAX_UPLOAD_BYTES, UploadError, parse_upload, site_head
 from online.state import DEFAULT_SITE, MAX_DECISIONS, StateError
 from online.store import DuplicateBatch
+from serving.public import public, public_text
 
 ADAPT_BODY_LIMIT = 4096  # POST /adapt's optional JSON settings
+log = logging.getLogger(__name__)
 
 
 class ErrorBody(BaseModel):
@@ -109,7 +112,17 @@ class AdaptHistory(BaseModel):
 
 
 def _err(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """An error answer; its message without internals (serving/public.py), a 5xx's full
+    message in the log."""
+    if status >= 500:
+        log.warning("answered %d: %s", status, message)
+    return JSONResponse({"error": public_text(message)}, status_code=status, headers=headers)
+
+
+def _shown(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` in full for an admin caller (tracebacks, pids, hosts, paths), else as anonymous
+    callers may see it."""
+    return body if admin_refusal(request) is None else public(body)
 
 
 def _bearer_json(schema: dict[str, Any], required: bool) -> dict[str, Any]:
@@ -215,12 +228,13 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 @app.get("/model", response_model=ModelInfo, responses=_errors(503))
-def model_info():
-    """The version being served: backbone, classes, method, metrics, decision, ancestors."""
+def model_info(request: Request):
+    """The version being served: backbone, classes, method, metrics, decision, ancestors
+    (paths and hosts only for admin callers)."""
     svc = _svc()
     if svc is None:
         return _not_loaded()
-    return JSONResponse(svc.model_info())
+    return JSONResponse(_shown(request, svc.model_info()))
 
 
 @app.post(
@@ -316,8 +330,9 @@ async def adapt(request: Request):
 
 
 @app.get("/adapt/status", response_model=AdaptStatus, responses=_errors(404, 500, 503))
-def adapt_status(site: str = Query("", description="a hub: the edge site")):
-    """The last adaptation run (idle, running, accepted, rejected, failed) with its figures."""
+def adapt_status(request: Request, site: str = Query("", description="a hub: the edge site")):
+    """The last adaptation run (idle, running, accepted, rejected, failed) with its figures;
+    an admin caller also sees a failed run's traceback and the worker's pid and host."""
     svc = _svc()
     if svc is None:
         return _not_loaded()
@@ -334,15 +349,18 @@ def adapt_status(site: str = Query("", description="a hub: the edge site")):
         status = {"state": "idle", "detail": "no adaptation has run"}
     if status.get("state") not in ("idle", "running", "accepted", "rejected", "failed"):
         status = {**status, "state": "unknown"}
-    return JSONResponse({**status, "pending_request": pending, "serving_version": serving})
+    body = {**status, "pending_request": pending, "serving_version": serving}
+    return JSONResponse(_shown(request, body))
 
 
 @app.get("/adapt/history", response_model=AdaptHistory, responses=_errors(400, 404, 500, 503))
 def adapt_history(
+    request: Request,
     limit: int = Query(50, ge=1, le=MAX_DECISIONS, description="newest outcomes to return"),
     site: str = Query("", description="a hub: the edge site"),
 ):
-    """Recorded adaptation outcomes (accepted, rejected, failed), newest first."""
+    """Recorded adaptation outcomes (accepted, rejected, failed), newest first (pids and
+    hosts only for admin callers)."""
     svc = _svc()
     if svc is None:
         return _not_loaded()
@@ -350,9 +368,10 @@ def adapt_history(
     if isinstance(site, JSONResponse):
         return site
     try:
-        return JSONResponse({"decisions": svc.state.decisions(limit, site)})
+        decisions = svc.state.decisions(limit, site)
     except StateError as e:
         return _err(500, f"cannot read the adaptation history: {e}")
+    return JSONResponse(_shown(request, {"decisions": decisions}))
 
 
 class TrafficAccepted(BaseModel):

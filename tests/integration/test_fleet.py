@@ -44,7 +44,8 @@ def wait_for(what, check, timeout: float = 60.0, every: float = 0.1):
 
 
 def statuses(clients: list[httpx.Client]) -> list[dict]:
-    return [c.get("/adapt/status").json() for c in clients]
+    """Each replica's status as an admin reads it (with the worker's pid)."""
+    return [c.get("/adapt/status", headers=AUTH).json() for c in clients]
 
 
 ENDED = ("accepted", "rejected", "failed")
@@ -52,7 +53,7 @@ ENDED = ("accepted", "rejected", "failed")
 
 def run_status(c: httpx.Client, request_id: str, states: tuple[str, ...]) -> dict | None:
     """The status of request `request_id` as `c` reports it, once it is in `states`."""
-    s = c.get("/adapt/status").json()
+    s = c.get("/adapt/status", headers=AUTH).json()  # admin: with the worker's pid
     mine = (s.get("request") or {}).get("id") == request_id
     return s if mine and s["state"] in states else None
 

@@ -46,10 +46,11 @@ def runs_counter(c: httpx.Client) -> dict[str, float]:
 
 
 def wait_status(c: httpx.Client, request_id: str, states: set[str], timeout=180.0) -> dict:
-    """The status of request `request_id` once it is in one of `states`."""
+    """The status of request `request_id` once it is in one of `states` (as an admin reads
+    it: with the worker's pid and host)."""
     deadline = time.time() + timeout
     while True:
-        status = c.get("/adapt/status").json()
+        status = c.get("/adapt/status", headers=AUTH).json()
         mine = (status.get("request") or {}).get("id") == request_id
         if mine and status["state"] in states:
             return status

@@ -401,10 +401,14 @@ def test_adapt_settings_are_checked_and_passed_to_the_worker(versioned_run, monk
         assert written["settings"] == {"steps_per_stage": 7, "stages": 2}
 
 
-def test_status_of_a_run_whose_worker_died_reads_failed(versioned_run):
+def test_status_of_a_run_whose_worker_died_reads_failed(versioned_run, monkeypatch):
     """A "running" status whose worker process no longer exists (kill -9) is reported as
-    failed, not as running forever; a live worker's run stays running."""
+    failed, not as running forever; a live worker's run stays running. The pid is told to
+    admin callers only."""
     import socket
+
+    monkeypatch.setenv("MP2A_ADMIN_TOKEN", "status-token")
+    auth = {"Authorization": "Bearer status-token"}
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -413,8 +417,12 @@ def test_status_of_a_run_whose_worker_died_reads_failed(versioned_run):
     host = socket.gethostname()
     with make_client(versioned_run) as c:
         path.write_text(json.dumps({"state": "running", "pid": dead.pid, "host": host}))
-        got = c.get("/adapt/status").json()
+        got = c.get("/adapt/status", headers=auth).json()
         assert got["state"] == "failed" and f"pid {dead.pid}" in got["reasons"][0]
+        assert got["pid"] == dead.pid and got["host"] == host
+        anonymous = c.get("/adapt/status").json()
+        assert anonymous["state"] == "failed" and "pid" not in anonymous and "host" not in anonymous
+        assert str(dead.pid) not in anonymous["reasons"][0]
         path.write_text(json.dumps({"state": "running", "pid": os.getpid(), "host": host}))
         assert c.get("/adapt/status").json()["state"] == "running"
         other = {"state": "running", "pid": dead.pid, "host": host + "-elsewhere"}
