@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from adapt.progressive import Evaluate, FitConfig, fit
 from adapt.prompts import MultiPromptLearner
 from adapt.text import class_text_features
 from adapt.transductive import prototype_head, refine
-from mp2a.artifact import ArtifactContents, write_artifact
+from mp2a.artifact import ArtifactContents, write_artifact, write_json
 from mp2a.errors import DataError
 from mp2a.head import PROMPT, PROTOTYPE, Head
 
@@ -254,7 +255,7 @@ def adapt(req: AdaptRequest) -> dict:
     metrics = {
         "method": req.method,
         "target": req.target,
-        "data": str(Path(req.data).resolve()),
+        "data": Path(req.data).resolve().name,  # the folder's name: no machine path
         "sources": sources,
         "target_accuracy": target_acc,
         "zeroshot_accuracy": accuracy(zs.probs(test.features), test.labels)
@@ -300,4 +301,20 @@ def adapt(req: AdaptRequest) -> dict:
             extra_files=extra,
         ),
     )
+    write_json(req.out / LOCAL_FILE, {"data": str(Path(req.data).resolve())})
     return metrics
+
+
+# Beside the artifact, not part of it (not in the manifest, never served, not copied into
+# versions): this machine's path of the data the run was adapted on, so `mp2a export RUN`
+# finds its parity images without --data. The artifact itself records the folder's name.
+LOCAL_FILE = "local.json"
+
+
+def data_location(run: Path) -> Path | None:
+    """Where `run`'s data lived on this machine when it was adapted, if known."""
+    try:
+        recorded = json.loads((Path(run) / LOCAL_FILE).read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(recorded) if isinstance(recorded, str) and recorded else None

@@ -19,6 +19,7 @@ import torch
 
 from adapt.data import open_dataset, read_domain
 from adapt.models import LoadedModel, load_backbone
+from adapt.run import data_location
 from export.onnx_export import cached_encoder, copy_atomic, fuse_head
 from export.quantize import quantize_int8
 from mp2a.artifact import Artifact, load_artifact
@@ -44,7 +45,10 @@ THRESHOLDS = {
 def parity_images(art: Artifact, data: Path | None, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Up to n target images spread over the domain, preprocessed: (N, 3, S, S), labels."""
     target = art.manifest.get("target_domain")
-    recorded = art.metrics().get("data")
+    recorded = data_location(art.path)
+    if recorded is None:  # an artifact from before adapt/run.py's LOCAL_FILE
+        old = art.metrics().get("data")
+        recorded = old if isinstance(old, str) and Path(old).is_absolute() else None
     if data is None and not recorded:
         raise ExportError(f"parity needs the target images: pass --data DIR holding {target!r}")
     try:

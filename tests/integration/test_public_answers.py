@@ -17,6 +17,7 @@ import traceback
 import httpx
 from test_serving_server import serve_client  # same folder (pytest puts it on the path)
 
+from mp2a.artifact import sha256_file
 from online import worker
 from online.state import open_state
 
@@ -61,7 +62,13 @@ def test_anonymous_answers_carry_no_internals(street_run, digits_small, tmp_path
     run = tmp_path / "run"
     shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert os.path.isabs(metrics["data"]) or metrics["data"] == digits_small.name
+    assert metrics["data"] == digits_small.name  # the artifact records the folder's name
+    assert json.loads((run / "local.json").read_text())["data"] == str(digits_small)
+    # an artifact from before: its metrics carry the absolute data path
+    (run / "metrics.json").write_text(json.dumps({**metrics, "data": str(digits_small)}))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["files"]["metrics.json"] = sha256_file(run / "metrics.json")
+    (run / "manifest.json").write_text(json.dumps(manifest))
     state = open_state(run, {})
     status = failed_status(run)
     assert str(run) in status["reasons"][0] and "Traceback" in status["traceback"]
@@ -109,7 +116,7 @@ def test_anonymous_answers_carry_no_internals(street_run, digits_small, tmp_path
             "FileNotFoundError: [Errno 2] No such file or directory: 'features.safetensors'"
         ]
         assert answers["POST /predict"].status_code == 200
-        assert "data" in answers["/model"].json()["metrics"]
+        assert answers["/model"].json()["metrics"]["data"] == digits_small.name
 
         # admin callers see the details; anonymous ones the same status without them
         full = c.get("/adapt/status", headers=AUTH).json()
