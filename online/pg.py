@@ -1,7 +1,6 @@
 """PostgreSQL state for a fleet: MP2A_STATE=postgresql://user@host:port/db (online/state.py).
 
-Every replica and worker of a deployment points at one database (psycopg 3: a small pool per
-process, a dedicated connection each for LISTEN and for the worker's lead). It holds:
+Every replica and worker of a deployment points at one database. It holds:
 
     traffic            served samples per site (embedding, time, served version, predicted
                        label, confidence); written in batches with COPY by each replica's
@@ -28,6 +27,18 @@ connection; when its process dies the connection closes, the lock goes with it, 
 worker to try takes over. Migrations run at start under a transaction advisory lock, so
 replicas starting together apply each exactly once.
 
+Connections (the budget, deploy/README.md "Connections"): a process holds one pooled
+connection (psycopg_pool, max 1) shared by the traffic writer, reads, status and the version
+watcher's token; one process per replica (a file lock in the state cache folder elects it
+among MP2A_WORKERS processes) holds a LISTEN connection, the others poll the token every half
+second; an adaptation worker holds nothing until it leads (it tries the lead on a short-lived
+connection every few seconds), then its session lock and a pooled connection. Everything
+pooled is stateless per transaction (no server-side prepared statements, no SET, only
+transaction advisory locks), so MP2A_STATE may point at PgBouncer in transaction mode;
+LISTEN and the leader's session lock use MP2A_STATE_DIRECT (default: MP2A_STATE), which must
+reach PostgreSQL itself: a direct DSN answered by a pooler is refused at start.
+MP2A_STATE_LISTEN=0 drops the LISTEN connection (version changes by polling only).
+
 Versions reach the predictor as ordinary artifacts: the rows are written to a local cache
 folder (MP2A_STATE_CACHE, default ~/.cache/mp2a/state/<database>) with the base artifact's
 source features linked in, then loaded and verified like any artifact; a row whose bytes do
@@ -39,10 +50,12 @@ it) and reconnects in the background.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -80,7 +93,12 @@ CHANNEL = "mp2a_versions"
 MIGRATE_KEY = 0x6D703261_0001  # advisory lock keys (bigint)
 LEADER_KEY = 0x6D703261_0002
 CONNECT_TIMEOUT_S = 5
-POOL_SIZE = 4  # connections per process: request threads, the watcher, the worker
+# one pooled connection per process: the traffic writer's COPY, reads, status writes and the
+# watcher's token each hold it for milliseconds; more would multiply by replicas and workers
+POOL_SIZE = 1
+LEAD_RETRY_S = 5.0  # a worker that does not lead tries again every 2.5-5 s (jittered)
+LISTEN_LOCK = ".listen.lock"  # one LISTEN per state cache folder (a replica's workers)
+RETENTION_S = 10.0  # a replica's traffic store applies the caps this often (jittered)
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -249,6 +267,7 @@ class PgState:
     """State in one PostgreSQL database (see the module docstring)."""
 
     kind = "postgresql"
+    lead_retry_s = LEAD_RETRY_S  # how often a worker that does not lead tries (online/worker)
 
     def __init__(
         self,
@@ -258,10 +277,15 @@ class PgState:
         cache_dir: Path | None = None,
         store_env: Mapping[str, str] | None = None,
         connect: bool = True,
+        direct_dsn: str | None = None,
+        listen: bool = True,
     ) -> None:
         self.run = Path(run)
         self.dsn = dsn
         self.where = redact(dsn)
+        self.direct_dsn = direct_dsn or dsn  # LISTEN and the leader's session lock
+        self.direct_named = direct_dsn is not None
+        self.listen = listen
         self.base = load_artifact(self.run)
         self.identity = self._identity(self.base)
         self.store_env = dict(os.environ if store_env is None else store_env)
@@ -270,21 +294,43 @@ class PgState:
         self.cache = Path(cache_dir) if cache_dir else default_cache / key
         self._arts: dict[tuple[str, int], Artifact] = {}
         self._lock = threading.Lock()  # guards setting up the pool
+        self._ready = False  # schema migrated, base checked, direct DSN checked
         self._pool: Any = None
+        self._held = threading.local()  # the pooled connection this thread holds, if any
         self._listen: Any = None
+        self._listen_lock: Any = None  # the open lock file while this process LISTENs
         self._lead: Any = None
         self._lead_pid: int | None = None
+        self._led = False  # a worker's state: its pool is only open while it leads
         self.offline = False  # True when started on the cached version, database down
         if connect:
-            self._connect_and_migrate()
+            self._setup()
 
     @classmethod
     def from_env(
         cls, run: Path, dsn: str, environ: Mapping[str, str], connect: bool = True
     ) -> PgState:
         cache = environ.get("MP2A_STATE_CACHE", "").strip()
+        direct = environ.get("MP2A_STATE_DIRECT", "").strip()
+        if direct and not direct.startswith(("postgresql://", "postgres://")):
+            raise StateError(
+                f"MP2A_STATE_DIRECT={redact(direct)!r}: use postgresql://user@host:port/db (the "
+                "PostgreSQL server itself, not a pooler), or unset it to use MP2A_STATE"
+            )
+        listen = environ.get("MP2A_STATE_LISTEN", "1").strip().lower()
+        if listen not in ("0", "1", "", "true", "false"):
+            raise StateError(
+                f"MP2A_STATE_LISTEN={listen!r}: 1 (default) listens for version changes, 0 "
+                "polls for them"
+            )
         return cls(
-            run, dsn, cache_dir=Path(cache) if cache else None, store_env=environ, connect=connect
+            run,
+            dsn,
+            cache_dir=Path(cache) if cache else None,
+            store_env=environ,
+            connect=connect,
+            direct_dsn=direct or None,
+            listen=listen not in ("0", "false"),
         )
 
     @staticmethod
@@ -296,23 +342,61 @@ class PgState:
         return {"backend": self.kind, "database": self.where, "schema": LATEST_SCHEMA}
 
     # -- connections -----------------------------------------------------------------------
-    def _new_conn(self, autocommit: bool = True) -> Any:
+    def _new_conn(self, autocommit: bool = True, direct: bool = False) -> Any:
+        """A connection of its own: pooled-DSN ones are stateless (nothing prepared on the
+        server, so a pooler in transaction mode may hand each transaction to another server
+        session); `direct` ones (LISTEN, the leader's lock) are checked to reach PostgreSQL
+        itself."""
         psycopg = _psycopg()
+        dsn = self.direct_dsn if direct else self.dsn
         try:
-            return psycopg.connect(
-                self.dsn,
+            conn = psycopg.connect(
+                dsn,
                 autocommit=autocommit,
                 connect_timeout=CONNECT_TIMEOUT_S,
                 application_name=application_name(),
+                prepare_threshold=None,
             )
         except psycopg.Error as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            name = "MP2A_STATE_DIRECT" if direct and self.direct_named else "MP2A_STATE"
             raise StateError(
-                f"cannot reach PostgreSQL at {self.where} ({first}); check MP2A_STATE and "
+                f"cannot reach PostgreSQL at {redact(dsn)} ({first}); check {name} and "
                 "that the database is up"
             ) from e
+        if direct:
+            self._check_direct(conn)
+        return conn
 
-    def _connect_and_migrate(self) -> None:
+    def _check_direct(self, conn: Any) -> None:
+        """Refuse a direct connection that a pooler answers: LISTEN through PgBouncer in
+        transaction mode never fires and a session lock there is not held by this session.
+        A pooler hands its clients a backend key of its own, so the pid the connection was
+        given differs from the server backend's that runs its queries."""
+        try:
+            (pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+        except Exception as e:
+            conn.close()
+            raise StateError(f"lost PostgreSQL at {redact(self.direct_dsn)}: {e}") from e
+        if int(pid) == conn.info.backend_pid:
+            return
+        conn.close()
+        where = redact(self.direct_dsn)
+        if self.direct_named:
+            raise StateError(
+                f"MP2A_STATE_DIRECT ({where}) answers through a connection pooler (e.g. "
+                "PgBouncer): LISTEN and the leader's lock need a session of their own; point "
+                "it at the PostgreSQL server itself"
+            )
+        raise StateError(
+            f"MP2A_STATE ({where}) answers through a connection pooler (e.g. PgBouncer): set "
+            "MP2A_STATE_DIRECT=postgresql://user@host:port/db to the PostgreSQL server itself "
+            "for LISTEN and the leader's lock"
+        )
+
+    def _setup(self) -> None:
+        """Migrate, check the database belongs to this artifact, check the direct DSN (each
+        on a short-lived connection; the pool opens on first use)."""
         conn = self._new_conn()
         try:
             applied = migrate(conn)
@@ -336,6 +420,10 @@ class PgState:
                 f"head {owner[:24]}…, not {self.identity[:24]}…); give this artifact its own "
                 "database"
             )
+        self._new_conn(direct=True).close()
+        self._ready = True
+
+    def _open_pool(self) -> None:
         from psycopg_pool import ConnectionPool
 
         self._pool = ConnectionPool(
@@ -346,6 +434,7 @@ class PgState:
                 "autocommit": True,
                 "connect_timeout": CONNECT_TIMEOUT_S,
                 "application_name": application_name(),
+                "prepare_threshold": None,  # no server-side prepared statements (a pooler)
             },
             check=ConnectionPool.check_connection,  # a connection a restart broke is replaced
             open=False,
@@ -353,19 +442,37 @@ class PgState:
         )
         self._pool.open(wait=False)
 
+    def _close_pool(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                pool.close(timeout=5)
+
     @contextlib.contextmanager
     def _db(self) -> Iterator[Any]:
-        """A pooled connection (checked before use: a broken one is replaced)."""
+        """The pooled connection (checked before use: a broken one is replaced). Re-entrant
+        within a thread: a call made while this thread holds it gets the same connection."""
+        held = getattr(self._held, "conn", None)
+        if held is not None:
+            yield held
+            return
         psycopg = _psycopg()
         from psycopg_pool import PoolTimeout
 
-        if self._pool is None:
-            with self._lock:
-                if self._pool is None:
-                    self._connect_and_migrate()
+        with self._lock:
+            if not self._ready:
+                self._setup()
+            if self._pool is None:
+                self._open_pool()
+            pool = self._pool
         try:
-            with self._pool.connection(timeout=CONNECT_TIMEOUT_S) as conn:
-                yield conn
+            with pool.connection(timeout=CONNECT_TIMEOUT_S) as conn:
+                self._held.conn = conn
+                try:
+                    yield conn
+                finally:
+                    self._held.conn = None
         except PoolTimeout as e:
             raise StateError(
                 f"cannot reach PostgreSQL at {self.where} (no connection within "
@@ -378,13 +485,15 @@ class PgState:
 
     def close(self) -> None:
         self.release_lead()
-        if self._pool is not None:
-            with contextlib.suppress(Exception):
-                self._pool.close(timeout=5)
+        self._close_pool()
         if self._listen is not None:
             with contextlib.suppress(Exception):
                 self._listen.close()
-        self._pool = self._listen = None
+        self._listen = None
+        if self._listen_lock is not None:
+            with contextlib.suppress(OSError):
+                self._listen_lock.close()  # the lock goes with the file
+            self._listen_lock = None
 
     # -- versions --------------------------------------------------------------------------
     def _site_dir(self, site: str) -> Path:
@@ -518,11 +627,35 @@ class PgState:
             ).fetchone()
         return None if row is None else (int(row[0]), row[1].isoformat())
 
+    def _listener(self) -> bool:
+        """Whether this process is the one that LISTENs for its state cache folder (the
+        processes of one replica share it): an exclusive lock on a file there, held while the
+        process lives. Without a writable folder every process listens."""
+        if self._listen_lock is not None:
+            return True
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            f = open(self.cache / LISTEN_LOCK, "a+")  # noqa: SIM115 - held open while listening
+        except OSError:
+            return True
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        self._listen_lock = f
+        return True
+
     def wait_for_change(self, timeout: float) -> None:
-        """Block until a NOTIFY on mp2a_versions or `timeout` s (a dedicated connection)."""
+        """Block until a NOTIFY on mp2a_versions or `timeout` s (a direct connection of its
+        own). A process that does not listen (MP2A_STATE_LISTEN=0, or another process of the
+        replica listens) sleeps `timeout`: its watcher polls the change token after each wait."""
         psycopg = _psycopg()
+        if not self.listen or not self._listener():
+            time.sleep(timeout)
+            return
         if self._listen is None or self._listen.closed:
-            self._listen = self._new_conn()
+            self._listen = self._new_conn(direct=True)
             self._listen.execute(f"LISTEN {CHANNEL}")
         try:
             for _ in self._listen.notifies(timeout=timeout, stop_after=1):
@@ -916,26 +1049,37 @@ class PgState:
                 log.warning("lost the leader connection to %s", self.where)
                 self.release_lead()
                 return False
-        conn = self._new_conn()
-        (ok,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
+        conn = self._new_conn(direct=True)  # short-lived unless the lock is taken
+        try:
+            (ok,) = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_KEY,)).fetchone()
+        except psycopg.Error as e:
+            conn.close()
+            raise StateError(f"lost PostgreSQL at {redact(self.direct_dsn)}: {e}") from e
         if not ok:
             conn.close()
             return False
-        (self._lead_pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+        self._lead_pid = conn.info.backend_pid  # a direct session: the server's pid
         self._lead = conn
+        self._led = True
         return True
 
     def release_lead(self) -> None:
+        """End the lead (its session, and with it the lock); a worker's state also closes its
+        pooled connection: a worker that does not lead holds none."""
         if self._lead is not None:
             with contextlib.suppress(Exception):
                 self._lead.close()  # the session ends: the advisory lock goes with it
             self._lead = None
+        if self._led:
+            self._close_pool()
 
 
 class PgTrafficStore(TrafficStore):
     """The traffic store's queue and writer thread (online/store.py) writing to PostgreSQL:
-    COPY of each batch, per-site retention, reconnects with a pause when the database goes
-    away (the batch is dropped and counted; serving never waits for it)."""
+    COPY of each batch in one transaction on the state's pooled connection (shared with reads
+    and status: no connection of its own), per-site retention, and when the database goes
+    away the batch is dropped and counted (serving never waits for it) and the next one tries
+    again once the pool has a connection."""
 
     def __init__(
         self,
@@ -947,20 +1091,20 @@ class PgTrafficStore(TrafficStore):
         start: bool = True,
     ) -> None:
         self.state, self.site = state, site
+        self.committed = 0  # samples whose COPY committed (a bench counts them against rows)
+        self._next_retention = 0.0
         super().__init__(config, metrics=metrics, start=start)
 
     def _init_schema(self) -> None:
         """PgState migrated the database already."""
 
     def _open_writer(self) -> Any:
-        return self.state._new_conn(autocommit=False)
+        return self.state  # the writer borrows the state's pooled connection per batch
 
     def _close_writer(self, con: Any) -> None:
-        with contextlib.suppress(Exception):
-            con.close()
+        """Nothing of its own to close."""
 
     def _reset_writer(self, con: Any) -> Any:
-        self._close_writer(con)
         return None
 
     def _writer_failed(self) -> None:
@@ -970,7 +1114,7 @@ class PgTrafficStore(TrafficStore):
     def _write(self, con: Any, batch: list[_Sample]) -> bool:
         psycopg = _psycopg()
         try:
-            with con.cursor() as cur:
+            with self.state._db() as conn, conn.transaction(), conn.cursor() as cur:
                 if all(s.image is None for s in batch):
                     cols = "site, t, version, label, confidence, embedding"
                     with cur.copy(f"COPY traffic ({cols}) FROM STDIN") as copy:
@@ -992,24 +1136,28 @@ class PgTrafficStore(TrafficStore):
                                 "VALUES (%s, %s, %s)",
                                 (sid, self.site, s.image),
                             )
-            con.commit()
+            self.committed += len(batch)
             return True
-        except psycopg.Error as e:
+        except (psycopg.Error, StateError) as e:
             log.warning("traffic store (PostgreSQL): dropped %d samples: %s", len(batch), e)
             self._count_dropped(len(batch))
             self._writer_failed()
-            with contextlib.suppress(Exception):
-                con.rollback()
             return False
         finally:
             for _ in batch:
                 self._queue.task_done()
 
     def _retain_and_publish(self, con: Any) -> bool:
+        """The site's caps and its row count, at most every RETENTION_S (jittered): the
+        traffic table is the fleet's, so every replica's pass does the whole fleet's work and
+        100 replicas passing after each batch would keep the database busy counting."""
         psycopg = _psycopg()
         c, site = self.config, self.site
+        if time.monotonic() < self._next_retention:
+            return True
+        self._next_retention = time.monotonic() + RETENTION_S * random.uniform(0.5, 1.0)
         try:
-            with con.cursor() as cur:
+            with self.state._db() as conn, conn.transaction(), conn.cursor() as cur:
                 retain_traffic(cur, site, c.max_age_s, c.max_rows)
                 cur.execute(
                     "DELETE FROM traffic_images WHERE site = %s AND sample_id <= (SELECT "
@@ -1019,12 +1167,9 @@ class PgTrafficStore(TrafficStore):
                 )
                 cur.execute("SELECT COUNT(*) FROM traffic WHERE site = %s", (site,))
                 (n,) = cur.fetchone()
-            con.commit()
-        except psycopg.Error as e:
+        except (psycopg.Error, StateError) as e:
             log.warning("traffic store (PostgreSQL): retention pass failed: %s", e)
             self._writer_failed()
-            with contextlib.suppress(Exception):
-                con.rollback()
             return False
         if self.metrics is not None:
             self.metrics.traffic_samples.set(n)

@@ -45,6 +45,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import socket
 import sys
 import time
@@ -56,9 +57,9 @@ import numpy as np
 
 from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact, load_artifact
 from mp2a.errors import ArtifactError
-from mp2a.head import PROMPT, PROTOTYPE, Head
+from mp2a.head import PROMPT, PROTOTYPE, Head, l2_normalize
 from mp2a.metrics import ServingMetrics
-from online import gate
+from online import estimate, gate
 from online.state import DEFAULT_SITE, State, StateError, now, open_state
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,16 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
     _, first = np.unique(traffic, axis=0, return_index=True)
     duplicates = len(traffic) - len(first)
     traffic = traffic[np.sort(first)]
-    log.info("read %d traffic embeddings", len(traffic))
+    # images of no class of the label set teach the prompts nothing true: kept out of the run
+    # and of the gate (online/estimate.py: 1 − MCM above the source rows' 95th percentile)
+    sf = served.tensors(SOURCE_FEATURES_FILE)
+    prompts_head = served.prompt_head()
+    ood = estimate.ood_scores(prompts_head, l2_normalize(traffic)) > estimate.ood_threshold(
+        prompts_head, sf["features"]
+    )
+    n_ood = int(ood.sum())
+    traffic = traffic[~ood]
+    log.info("read %d traffic embeddings (%d out of the label set left out)", len(traffic), n_ood)
     need = max(cfg.min_samples, len(served.classes))
     if len(traffic) < need:
         raise ValueError(
@@ -353,7 +363,6 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
             f"at least {need} (min_samples, and one per class); serve more traffic (or lower "
             "--min-samples) and retry"
         )
-    sf = served.tensors(SOURCE_FEATURES_FILE)
     src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
     src_d = sf["domains"].astype(np.int64)
     domains = sorted(int(d) for d in np.unique(src_d))
@@ -374,6 +383,7 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
         cfg.gate,
         serving_prompts=served.prompt_head(),
         candidate_prompts=cand.prompt_head,
+        source_domains=src_d[src_hold],
     )
     figures = {
         "serving_version": served.version,
@@ -381,6 +391,7 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
         "n_traffic_used": len(traffic),
         "n_traffic_dropped": dropped,
         "n_traffic_duplicates": duplicates,
+        "n_traffic_ood": n_ood,
         "n_traffic_train": len(target),
         "n_source_train": int((~src_hold).sum()),
         **cand.figures,
@@ -460,6 +471,7 @@ def loop(
     Returns the statuses of the runs made (for tests; forever unless max_iterations)."""
     cfg = cfg or WorkerConfig()
     leading = False
+    next_try = 0.0  # when a worker that does not lead tries the lead again
     last_run: dict[str, float] = {}
     last_id: dict[str, int] = {}
     done: list[dict] = []
@@ -470,6 +482,12 @@ def loop(
         i += 1
         try:
             if not leading:
+                # a worker that does not lead holds no connection: each try is a short-lived
+                # one, every lead_retry_s (jittered: a fleet's tries spread out)
+                if time.monotonic() < next_try:
+                    continue
+                retry = getattr(state, "lead_retry_s", 0.0)
+                next_try = time.monotonic() + retry * random.uniform(0.5, 1.0)
                 if not state.try_lead():
                     continue
                 leading = True
