@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from mp2a import lifeline
 from mp2a.errors import Mp2aError
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,10 @@ class WorkerSupervisor:
         if self.metrics_dir is not None:  # the server's: /metrics shows the worker's figures
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         print(f"mp2a: {self.label}: " + " ".join(self.cmd[1:]), file=sys.stderr)
-        self.proc = subprocess.Popen(self.cmd, env=env, cwd=str(REPO_ROOT))
+        # ends with `mp2a serve` even if that is killed -9 (mp2a/lifeline.py)
+        self.proc = subprocess.Popen(
+            self.cmd, env=env, cwd=str(REPO_ROOT), preexec_fn=lifeline.die_with_parent
+        )
         self.started = time.monotonic()
         self.restart_at = None
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from mp2a import lifeline
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError, Mp2aError
 from online.hub import EdgeTokens
@@ -71,6 +72,7 @@ def serve_env(run: Path, backend: str, precision: str = "fp32") -> dict[str, str
     env["MP2A_BACKEND"] = backend
     env["MP2A_PRECISION"] = precision
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reporting from a model server
+    env[lifeline.ENV] = str(os.getpid())  # BentoML's workers end with us (mp2a/lifeline.py)
     return env
 
 
@@ -116,7 +118,7 @@ def check_admin_token(env: Mapping[str, str]) -> None:
     if token != token.strip():
         raise Mp2aError(
             "MP2A_ADMIN_TOKEN has whitespace around it (a newline from a file?); set it "
-            'without, e.g. MP2A_ADMIN_TOKEN="$(tr -d \'[:space:]\' < token.txt)"'
+            "without, e.g. MP2A_ADMIN_TOKEN=\"$(tr -d '[:space:]' < token.txt)\""
         )
     if len(token) < MIN_TOKEN_CHARS:
         raise Mp2aError(
@@ -209,7 +211,7 @@ def serve(
     # start once it has made it anew, so what they write there is not wiped (and not missing)
     metrics_dir = bentoml_prometheus_dir()
     shutil.rmtree(metrics_dir, ignore_errors=True)
-    proc = subprocess.Popen(serve_command(port, host), env=env)
+    proc = subprocess.Popen(serve_command(port, host), env=env, preexec_fn=lifeline.die_with_parent)
     started = time.monotonic()
     try:
         waiting = list(supervisors)

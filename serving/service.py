@@ -50,6 +50,7 @@ import bentoml
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
+from mp2a import lifeline
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError
 from mp2a.metrics import (
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN = "runs/default"
 ensure_multiprocess_dir()  # before anything imports prometheus_client (in-process use)
+lifeline.hold()  # under `mp2a serve`: this process ends with it, even after a kill -9
 
 
 def _env_int(name: str, default: int) -> int:
