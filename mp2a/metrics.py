@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 STAGES = ("decode", "preprocess", "encode", "head")
 ADAPTATION_OUTCOMES = ("accepted", "rejected", "failed")
 STATE_OPS = ("watch", "traffic")  # what mp2a_state_errors_total counts
+HEALED = ("traffic_store", "versions", "edge_buffer")  # mp2a_state_healed_total{what}
 # exposition names (counters get _total, histograms _bucket/_sum/_count)
 NAMES = (
     "mp2a_inference_latency_seconds",
@@ -35,6 +36,7 @@ NAMES = (
     "mp2a_adaptation_duration_seconds",
     "mp2a_pseudo_label_selected_ratio",
     "mp2a_state_errors_total",
+    "mp2a_state_healed_total",
     "mp2a_hub_samples_received_total",
     "mp2a_edge_upload_lag_seconds",
     "mp2a_edge_buffer_samples",
@@ -65,6 +67,7 @@ class ServingMetrics:
     adaptation_duration: Any  # Histogram, adaptation worker
     pseudo_label_selected_ratio: Any  # Gauge, adaptation worker
     state_errors: Any  # Counter{op}: calls to the state backend that failed (database down)
+    state_healed: Any  # Counter{what}: damaged state moved aside and replaced (mp2a/heal.py)
 
     served: list[tuple[str, str]] = field(default_factory=list)  # (version, backbone) seen
 
@@ -160,6 +163,11 @@ def get_metrics() -> ServingMetrics:
             "Failed calls to the state backend (database unreachable), by operation",
             ["op"],
         ),
+        state_healed=Counter(
+            "mp2a_state_healed",
+            "Damaged state moved aside and replaced by a fresh one (traffic store, versions)",
+            ["what"],
+        ),
     )
     # every series exists from the start, so dashboards and rate() see zeros, not gaps
     for stage in STAGES:
@@ -168,6 +176,8 @@ def get_metrics() -> ServingMetrics:
         m.adaptation_runs.labels(outcome=outcome)
     for op in STATE_OPS:
         m.state_errors.labels(op=op)
+    for what in HEALED:
+        m.state_healed.labels(what=what)
     return m
 
 

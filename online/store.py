@@ -20,10 +20,22 @@ Configuration (environment, read by `StoreConfig.from_env`):
     MP2A_STORE_MAX_AGE_S    rows older than this are deleted (default 604800, 7 days)
     MP2A_STORE_IMAGES       1 keeps the raw image bytes too (default 0: embeddings only)
     MP2A_STORE_MAX_IMAGES   newest images kept when MP2A_STORE_IMAGES=1 (default 1000)
+    MP2A_STORE_CHECK_S      seconds between the writer's `PRAGMA quick_check` (default 300)
+
+A damaged file heals itself (mp2a/heal.py): the store is checked when a process opens it
+(`PRAGMA quick_check`), every MP2A_STORE_CHECK_S by the writer, and on every error SQLite gives
+for a damaged file ("malformed", "not a database"). The file and its -wal/-shm are then moved
+aside (`traffic.sqlite.damaged-STAMP`), a fresh store takes their place, the loss is counted in
+`mp2a_state_healed_total{what="traffic_store"}` and said in one log line; the batch being
+written goes to the fresh store. A writer whose file was replaced by another process (its
+inode changed) reconnects before its next write, so no process keeps writing into a file that
+was moved aside. A deleted -wal is noticed the same way: the writer checkpoints what its open
+WAL holds into the database, then reconnects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -38,6 +50,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from mp2a.heal import count_healed, inode, is_damage, quarantine_sqlite, sqlite_problem
 from mp2a.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -46,6 +59,8 @@ DEFAULT_NAME = "traffic.sqlite"
 BUSY_TIMEOUT_MS = 30_000  # another process's write transaction is milliseconds; wait, not fail
 RETENTION_INTERVAL_S = 1.0  # age cap checked at least this often, with or without traffic
 RECONNECT_S = 2.0  # a writer that lost its backend tries again after this long
+CHECK_S = 300.0  # quick_check reads every page: ~0.1 s per 10k 512-d rows on one core
+_checked: set[tuple[str, int | None]] = set()  # (file, inode) this process checked at open
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,6 +108,7 @@ class StoreConfig:
     max_images: int = 1000
     queue_size: int = 10_000  # samples waiting for the writer; beyond it they are dropped
     batch_size: int = 512  # samples per insert transaction
+    check_s: float = CHECK_S  # seconds between the writer's integrity checks
     seed: int | None = None  # of the sampling coin; None: from the OS
 
     def __post_init__(self) -> None:
@@ -141,6 +157,7 @@ class StoreConfig:
                 max_age_s=num("MP2A_STORE_MAX_AGE_S", 7 * 24 * 3600.0),
                 store_images=images in ("1", "true"),
                 max_images=int(num("MP2A_STORE_MAX_IMAGES", 1000, int)),
+                check_s=num("MP2A_STORE_CHECK_S", CHECK_S),
             )
         except ValueError as e:
             raise ValueError(f"traffic store configuration (MP2A_STORE*): {e}") from e
@@ -237,6 +254,22 @@ class TrafficStore:
             self.start()
 
     def _init_schema(self) -> None:
+        """Create the schema; a damaged file found here (quick_check once per process and
+        file, or an error that says so) is moved aside and a fresh store created."""
+        key = (str(self.path), inode(self.path))
+        if key[1] is not None and key not in _checked:
+            if (problem := sqlite_problem(self.path)) is not None:
+                quarantine_sqlite(self.path, "traffic_store", problem, seen_inode=key[1])
+            _checked.add((str(self.path), inode(self.path)))
+        try:
+            self._create_schema()
+        except StoreError as e:
+            if not is_damage(e.__cause__ or e):
+                raise
+            quarantine_sqlite(self.path, "traffic_store", str(e.__cause__), key[1])
+            self._create_schema()
+
+    def _create_schema(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             con = connect(self.path)
@@ -349,12 +382,16 @@ class TrafficStore:
                         log.warning("traffic store: cannot connect (%s); retrying", e)
                         retry_at = now + RECONNECT_S
                         self._writer_failed()
+                if con is not None:
+                    con = self._check_writer(con)
                 if batch and con is None:
                     self._count_dropped(len(batch))
                     for _ in batch:
                         self._queue.task_done()
                 elif batch and not self._write(con, batch):
                     con = self._reset_writer(con)
+                if (fresh := self.__dict__.pop("_healed_con", None)) is not None:
+                    con = fresh  # the batch healed the file and went to a fresh store
                 if con is not None and (batch or now - last_retention >= RETENTION_INTERVAL_S):
                     if not self._retain_and_publish(con):
                         con = self._reset_writer(con)
@@ -365,6 +402,56 @@ class TrafficStore:
 
     def _reset_writer(self, con: Any) -> Any:
         """None after a failed write (a subclass whose connection can break drops it)."""
+        return con
+
+    def _check_writer(self, con: Any) -> Any:
+        """The writer's SQLite connection, checked before each write: reopened when its file
+        was replaced (healed by another process) or its -wal deleted, healed when damaged
+        (the periodic quick_check). Other backends' connections are returned as they are."""
+        if not isinstance(con, sqlite3.Connection):
+            return con
+        if not hasattr(self, "_writer_inode"):  # its first write opens the -wal
+            self._writer_inode, self._next_check = inode(self.path), 0.0
+            return con
+        now_inode = inode(self.path)
+        wal = self.path.with_name(self.path.name + "-wal")
+        if now_inode is not None and now_inode == self._writer_inode and wal.exists():
+            if time.monotonic() < self._next_check:
+                return con
+            self._next_check = time.monotonic() + self.config.check_s
+            try:
+                answer = con.execute("PRAGMA quick_check").fetchone()[0]
+            except sqlite3.Error as e:
+                answer = str(e) if is_damage(e) else "ok"
+            if answer == "ok":
+                return con
+            quarantine_sqlite(self.path, "traffic_store", answer, self._writer_inode)
+        elif now_inode == self._writer_inode and now_inode is not None:
+            # the -wal was deleted under us: what it held is still in our open descriptor;
+            # move it into the database file before reconnecting
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("traffic store %s: checkpoint of a deleted WAL failed: %s", self.path, e)
+            log.error("traffic store %s: its -wal file was deleted; reconnecting", self.path)
+            count_healed("traffic_store")
+        return self._reopen_writer(con)
+
+    def _reopen_writer(self, con: Any) -> Any:
+        """A fresh writer connection on the (possibly new) file, schema included."""
+        with contextlib.suppress(sqlite3.Error):
+            con.close()
+        try:
+            self._init_schema()
+            con = self._open_writer()
+        except Exception as e:
+            log.warning("traffic store %s: cannot reopen (%s); retrying", self.path, e)
+            self._writer_inode = None
+            return None
+        self._writer_inode = inode(self.path)
+        self._next_check = time.monotonic() + self.config.check_s
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("SELECT COUNT(*) FROM meta").fetchone()  # opens (creates) the -wal
         return con
 
     def _writer_failed(self) -> None:
@@ -394,12 +481,33 @@ class TrafficStore:
                     con.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:  # disk full, locked past the timeout: lose them, go on
+            if is_damage(e) and self._heal_and_rewrite(con, batch, e):
+                return True
             log.warning("traffic store %s: dropped %d samples: %s", self.path, len(batch), e)
             self._count_dropped(len(batch))
             return True  # the connection itself is fine
         finally:
             for _ in batch:
                 self._queue.task_done()
+        return True
+
+    def _heal_and_rewrite(self, con: sqlite3.Connection, batch: list[_Sample], e: Exception) -> bool:
+        """The file is damaged: move it aside, then write `batch` into a fresh store on the
+        writer's new connection (kept in `_healed_con` for `_run`); True when written."""
+        quarantine_sqlite(self.path, "traffic_store", str(e), getattr(self, "_writer_inode", None))
+        fresh = self._reopen_writer(con)
+        if fresh is None:
+            return False
+        self._healed_con = fresh
+        try:
+            fresh.execute("BEGIN IMMEDIATE")
+            _insert(fresh, batch)
+            fresh.execute("COMMIT")
+        except sqlite3.Error as e2:
+            if fresh.in_transaction:
+                fresh.execute("ROLLBACK")
+            log.warning("traffic store %s: the fresh store refused a write too: %s", self.path, e2)
+            return False
         return True
 
     def _retain_and_publish(self, con: sqlite3.Connection) -> bool:
@@ -423,6 +531,9 @@ class TrafficStore:
         except sqlite3.Error as e:
             if con.in_transaction:
                 con.execute("ROLLBACK")
+            if is_damage(e):  # the next write reconnects to a fresh store
+                quarantine_sqlite(self.path, "traffic_store", str(e), inode(self.path))
+                return True
             log.warning("traffic store %s: retention pass failed: %s", self.path, e)
             return True
         if self.metrics is not None:
