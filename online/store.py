@@ -432,7 +432,9 @@ class TrafficStore:
             try:
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as e:
-                log.warning("traffic store %s: checkpoint of a deleted WAL failed: %s", self.path, e)
+                log.warning(
+                    "traffic store %s: checkpoint of a deleted WAL failed: %s", self.path, e
+                )
             log.error("traffic store %s: its -wal file was deleted; reconnecting", self.path)
             count_healed("traffic_store")
         return self._reopen_writer(con)
@@ -491,7 +493,9 @@ class TrafficStore:
                 self._queue.task_done()
         return True
 
-    def _heal_and_rewrite(self, con: sqlite3.Connection, batch: list[_Sample], e: Exception) -> bool:
+    def _heal_and_rewrite(
+        self, con: sqlite3.Connection, batch: list[_Sample], e: Exception
+    ) -> bool:
         """The file is damaged: move it aside, then write `batch` into a fresh store on the
         writer's new connection (kept in `_healed_con` for `_run`); True when written."""
         quarantine_sqlite(self.path, "traffic_store", str(e), getattr(self, "_writer_inode", None))
@@ -557,17 +561,33 @@ class TrafficStore:
 
     # -- readers (the adaptation worker, tests) ---------------------------------------------
 
+    def _query(self, sql: str, args: Any = ()) -> list[tuple]:
+        """The rows of one read on its own connection. A damaged file is healed (moved
+        aside, a fresh store created) and read again: the fresh store's rows, so a reader
+        (the adaptation worker) never fails for ever on one damaged file."""
+        seen = inode(self.path)
+        try:
+            con = connect(self.path)
+            try:
+                return con.execute(sql, args).fetchall()
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            quarantine_sqlite(self.path, "traffic_store", str(e), seen)
+        self._init_schema()
+        con = connect(self.path)
+        try:
+            return con.execute(sql, args).fetchall()
+        finally:
+            con.close()
+
     def count(self, site: str | None = None) -> int:
         """Rows in the store (all processes' writes), of one site if given."""
         if site is None:
-            return read_int(self.path, "SELECT COUNT(*) FROM samples")
-        con = connect(self.path)
-        try:
-            return int(
-                con.execute("SELECT COUNT(*) FROM samples WHERE site = ?", (site,)).fetchone()[0]
-            )
-        finally:
-            con.close()
+            return int(self._query("SELECT COUNT(*) FROM samples")[0][0])
+        return int(self._query("SELECT COUNT(*) FROM samples WHERE site = ?", (site,))[0][0])
 
     def ingest(
         self,
@@ -587,6 +607,16 @@ class TrafficStore:
                 embeddings, labels, confidences, versions, times, strict=True
             )
         ]
+        try:
+            return self._ingest(site, batch_id, rows)
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            quarantine_sqlite(self.path, "traffic_store", str(e), inode(self.path))
+        self._init_schema()
+        return self._ingest(site, batch_id, rows)
+
+    def _ingest(self, site: str, batch_id: str, rows: list[tuple]) -> int:
         con = connect(self.path)
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -628,12 +658,8 @@ class TrafficStore:
 
     def versions(self) -> dict[str, int]:
         """Rows per model version."""
-        con = connect(self.path)
-        try:
-            rows = con.execute("SELECT version, COUNT(*) FROM samples GROUP BY version")
-            return {str(v): int(n) for v, n in rows}
-        finally:
-            con.close()
+        rows = self._query("SELECT version, COUNT(*) FROM samples GROUP BY version")
+        return {str(v): int(n) for v, n in rows}
 
     def read(
         self,
@@ -661,11 +687,7 @@ class TrafficStore:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        con = connect(self.path)
-        try:
-            rows = con.execute(sql, args).fetchall()[::-1]
-        finally:
-            con.close()
+        rows = self._query(sql, args)[::-1]
         d = self.config.dim
         emb = np.frombuffer(b"".join(r[3] for r in rows), dtype="<f4").reshape(len(rows), d)
         return Traffic(
