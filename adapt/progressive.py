@@ -177,12 +177,14 @@ def fit(
     mode: str = "mp2a",
     evaluate: Evaluate | None = None,
     progress: bool = True,
+    on_stage: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Train `learner` on cached features. sources: [(features (N_s, D), labels (N_s,))].
 
     init_probs (N_t, C): the starting pseudo-label distribution (e.g. zero-shot). `evaluate`
     gets (selected indices, their pseudo-labels, ensemble probs) after each stage and returns
-    figures to log; it is the only place target labels may live.
+    figures to log; it is the only place target labels may live. `on_stage(stage, stages)`
+    is called as each stage starts (a server shows it as the run's progress).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose {', '.join(MODES)}")
@@ -203,6 +205,8 @@ def fit(
         probs = init_probs
         per_stage = []
         for stage, steps in plan:
+            if on_stage is not None:
+                on_stage(stage, len(plan))
             t0 = time.time()
             conf = None
             if mode == "mp2a-t" and cfg.stage_refine:

@@ -50,6 +50,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,25 @@ def record(state: State, status: dict, site: str = DEFAULT_SITE) -> None:
         state.record_decision(decision_entry(status), site)
     except (OSError, StateError) as e:
         log.warning("cannot record the adaptation outcome: %s", e)
+
+
+def record_rollback(state: State, withdrawn: str, served: str, site: str = DEFAULT_SITE) -> None:
+    """A POST /rollback in the history and, unless a run is under way, in the status: an
+    operator sees what is served and why."""
+    entry = {
+        "state": "rolled_back",
+        "serving_version": withdrawn,
+        "version": served,
+        "finished_at": now(),
+        "site": site,
+        "reasons": [f"rolled back from version {withdrawn} to {served}"],
+    }
+    record(state, entry, site)
+    try:
+        if (state.read_status(site) or {}).get("state") != "running":
+            state.write_status(entry, site)
+    except (OSError, StateError) as e:
+        log.warning("cannot write the rollback to the status: %s", e)
 
 
 def recover(state: State, site: str = DEFAULT_SITE) -> dict | None:
@@ -250,6 +270,7 @@ def train_candidate(
     cfg: WorkerConfig,
     init_probs: np.ndarray | None = None,
     base_template: str | None = None,
+    on_stage: Callable[[int, int], None] | None = None,
 ) -> Candidate:
     """Re-adapt the served version on `target` embeddings (N, D) with the labeled `sources`
     [(features, labels)] per source domain (the artifact's order): the training half of a
@@ -301,6 +322,7 @@ def train_candidate(
         cfg=fit_cfg,
         mode=cfg.method,
         progress=False,
+        on_stage=on_stage,
     )
     head = prompt_head = Head(weight=result.head_weight, logit_scale=serving_head.logit_scale)
     names = served.manifest.get("source_domains") or [str(i) for i in range(len(sources))]
@@ -358,10 +380,15 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
     log.info("read %d traffic embeddings (%d out of the label set left out)", len(traffic), n_ood)
     need = max(cfg.min_samples, len(served.classes))
     if len(traffic) < need:
+        trigger = (base.get("request") or {}).get("trigger")
+        lower = {
+            "request": '"min_samples" in the POST /adapt body',
+            "cli": "--min-samples",
+        }.get(trigger, "MP2A_ADAPT_MIN_SAMPLES")
         raise ValueError(
             f"{len(traffic)} usable stored traffic samples ({dropped} dropped as NaN/inf), need "
             f"at least {need} (min_samples, and one per class); serve more traffic (or lower "
-            "--min-samples) and retry"
+            f"{lower}) and retry"
         )
     src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
     src_d = sf["domains"].astype(np.int64)
@@ -373,7 +400,16 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
         base_template = _prompt_state(load_artifact(state.run))[1]
     except (ArtifactError, OSError, ValueError):
         base_template = None
-    cand = train_candidate(served, sources, target, cfg, base_template=base_template)
+
+    def on_stage(stage: int, stages: int) -> None:  # GET /adapt/status shows where it is
+        progress = {"phase": "training", "stage": stage, "stages": stages}
+        state.write_status({"state": "running", **base, "progress": progress}, site)
+
+    cand = train_candidate(
+        served, sources, target, cfg, base_template=base_template, on_stage=on_stage
+    )
+    progress = {"phase": "gate", "stage": len(cand.per_stage), "stages": len(cand.per_stage)}
+    state.write_status({"state": "running", **base, "progress": progress}, site)
     decision = gate.evaluate(
         served.head,
         cand.head,

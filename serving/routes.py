@@ -102,7 +102,7 @@ class AdaptRequested(BaseModel):
 
 class AdaptStatus(BaseModel):
     model_config = ConfigDict(extra="allow")
-    state: Literal["idle", "running", "accepted", "rejected", "failed", "unknown"]
+    state: Literal["idle", "running", "accepted", "rejected", "failed", "rolled_back", "unknown"]
     pending_request: dict[str, Any] | None
     serving_version: str
 
@@ -275,6 +275,7 @@ async def rollback(request: Request):
     if not site:
         svc.watcher.check(force=True)  # this worker answers with the new version at once
         now = svc.predictor.version
+    worker.record_rollback(svc.state, str(before), str(now), site)
     return JSONResponse({"version": str(now), "previous": before})
 
 
@@ -347,7 +348,8 @@ def adapt_status(request: Request, site: str = Query("", description="a hub: the
         return _err(500, f"cannot read the adaptation status: {e}")
     if status is None:
         status = {"state": "idle", "detail": "no adaptation has run"}
-    if status.get("state") not in ("idle", "running", "accepted", "rejected", "failed"):
+    known = ("idle", "running", "accepted", "rejected", "failed", "rolled_back")
+    if status.get("state") not in known:
         status = {**status, "state": "unknown"}
     body = {**status, "pending_request": pending, "serving_version": serving}
     return JSONResponse(_shown(request, body))

@@ -192,6 +192,17 @@ class Mp2aService:
             log.warning("cannot list the ancestors of version %s: %s", art.version, e)
             previous = []
         info = self.predictor.model_info(previous_versions=previous)
+        try:  # every kept version, rolled back ones too: what POST /rollback may return to
+            info["versions"] = [
+                {
+                    "version": str(h["version"]),
+                    **{k: h.get(k) for k in ("parent", "created_at", "served", "rolled_back")},
+                }
+                for h in self.state.history(DEFAULT_SITE)
+            ]
+        except Exception as e:  # the state is down: the model still answers
+            log.warning("cannot list the kept versions: %s", e)
+            info["versions"] = []
         info["state"] = {**self.state.describe(), "connected": self.watcher.healthy}
         return info
 

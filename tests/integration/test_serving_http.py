@@ -341,7 +341,13 @@ def test_published_version_is_served_and_rolled_back_over_http(
         body = post_image(c, images[0].read_bytes()).json()  # at once in this worker
         assert body["model_version"] == "1"
         assert_matches(body, base.head.probs(embeddings[:1])[0], base.classes)
-        assert c.get("/model").json()["previous_versions"] == []
+        info = c.get("/model").json()
+        assert info["previous_versions"] == []
+        kept = {v["version"]: v for v in info["versions"]}  # what a rollback left
+        assert kept["1"]["served"] and kept["2"]["rolled_back"]["to"] == 1
+        status = c.get("/adapt/status").json()
+        assert status["state"] == "rolled_back" and status["version"] == "1", status
+        assert c.get("/adapt/history").json()["decisions"][0]["state"] == "rolled_back"
         assert served_version_series(c) == {"1": 1.0, "2": 0.0}
         again = c.post("/rollback", headers=auth)
         assert again.status_code == 409 and "nothing to roll back" in again.json()["error"]

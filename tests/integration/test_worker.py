@@ -353,3 +353,58 @@ def test_online_serving_without_the_training_stack_is_a_one_line_error(tmp_path,
         WorkerSupervisor.from_env(tmp_path)
     monkeypatch.setenv("MP2A_ONLINE", "0")
     assert WorkerSupervisor.from_env(tmp_path) is None
+
+
+class RecordingState(FileState):
+    """The files state, keeping a copy of every status it is given (what a poller of
+    GET /adapt/status can see between two polls)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[dict] = []
+
+    def write_status(self, status: dict, site: str = "") -> None:
+        self.seen.append(json.loads(json.dumps(status, default=str)))
+        super().write_status(status, site)
+
+
+def test_a_running_run_reports_its_stage_and_phase(run, street_embeddings):
+    state = RecordingState(run, fill_store(run, street_embeddings))
+    final = worker.run_once(state, CFG)
+    progress = [s["progress"] for s in state.seen if s["state"] == "running" and "progress" in s]
+    assert progress == [
+        {"phase": "training", "stage": 1, "stages": 2},
+        {"phase": "training", "stage": 2, "stages": 2},
+        {"phase": "gate", "stage": 2, "stages": 2},
+    ]
+    assert state.seen[-1]["state"] == final["state"] and "progress" not in final
+
+
+def test_too_little_traffic_names_the_setting_of_who_asked(run, street_embeddings):
+    """A POST /adapt run names its JSON body's field, a CLI run the flag."""
+    store = fill_store(run, street_embeddings[:5])
+    versions.versions_dir(run).mkdir(exist_ok=True)
+    (versions.versions_dir(run) / "adapt_request.json").write_text(json.dumps({"settings": {}}))
+    (http,) = worker.loop(FileState(run, store), CFG, max_iterations=1)
+    assert http["state"] == "failed"
+    assert 'lower "min_samples" in the POST /adapt body' in http["reasons"][0]
+    assert "--min-samples" not in http["reasons"][0]
+    cli = worker.run_once(FileState(run, store), CFG, request={"trigger": "cli"})
+    assert "lower --min-samples" in cli["reasons"][0]
+
+
+def test_a_rollback_is_in_the_status_and_the_history(run, street_embeddings):
+    state = FileState(run, fill_store(run, street_embeddings))
+    worker.record_rollback(state, "2", "1")
+    status = state.read_status()
+    assert status["state"] == "rolled_back" and status["version"] == "1"
+    assert status["serving_version"] == "2"
+    (entry,) = state.decisions()
+    assert entry["state"] == "rolled_back" and entry["reasons"] == [
+        "rolled back from version 2 to 1"
+    ]
+    # a run under way keeps its running status (the history still gets the rollback)
+    state.write_status({"state": "running", "pid": os.getpid()})
+    worker.record_rollback(state, "3", "2")
+    assert state.read_status()["state"] == "running"
+    assert [d["state"] for d in state.decisions()] == ["rolled_back", "rolled_back"]
