@@ -1,7 +1,8 @@
 """Encode images once with the frozen image tower and cache the features.
 
-The cache key covers the model weights hash, the preprocessing and the file list (path,
-size, mtime), so a changed image, model or preprocessing never reuses stale features.
+The cache key covers the model weights hash, the preprocessing, the decode path's identity
+(full decoding or DCT scaling, `mp2a.preprocess.decode_identity`) and the file list (path,
+size, mtime), so a changed image, model, decoding or preprocessing never reuses stale features.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm import tqdm
 
 from adapt.models import LoadedModel
-from mp2a.preprocess import PreprocessSpec, load_image, preprocess_image
+from mp2a.preprocess import PreprocessSpec, decode_identity, load_image, preprocess_image
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def default_cache_dir() -> Path:
 
 def cache_key(lm: LoadedModel, files: Sequence[Path]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([lm.backbone.to_dict(), lm.preprocess.to_dict()]).encode())
+    ident = [lm.backbone.to_dict(), lm.preprocess.to_dict(), decode_identity()]
+    h.update(json.dumps(ident).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -42,7 +44,7 @@ def cache_key(lm: LoadedModel, files: Sequence[Path]) -> str:
 
 def _load_one(path: Path, spec: PreprocessSpec) -> np.ndarray | None:
     try:
-        return preprocess_image(load_image(path), spec)
+        return preprocess_image(load_image(path, spec.image_size), spec)
     except Exception as e:  # any undecodable file is skipped, and reported
         log.warning("skipping %s: cannot decode image (%s)", path, e)
         return None

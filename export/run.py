@@ -62,7 +62,7 @@ def parity_images(art: Artifact, data: Path | None, n: int) -> tuple[np.ndarray,
     images, labels = [], []
     for i in np.unique(pick):
         try:
-            images.append(load_image(d.files[i]))
+            images.append(load_image(d.files[i], art.preprocessing.image_size))
             labels.append(d.labels[i])
         except OSError:
             continue

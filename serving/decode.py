@@ -6,7 +6,9 @@ Torch-free and BentoML-free, so it is cheap to test and safe for the edge server
   parsers reachable by a crafted upload);
 - the declared dimensions are checked *before* pixels are decoded (decompression bombs);
 - EXIF orientation is applied, the first frame of an animation is used, and every pixel mode
-  (grayscale, palette, CMYK, 16-bit, alpha) becomes 8-bit RGB.
+  (grayscale, palette, CMYK, 16-bit, alpha) becomes 8-bit RGB;
+- the pixels come from `mp2a.preprocess.open_image`, the decode path offline feature
+  extraction uses too (a large JPEG is DCT-scaled towards the model's input size).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import logging
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from mp2a.preprocess import to_rgb
+from mp2a.preprocess import open_image
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +107,11 @@ def _check_geometry(w: int, h: int, limits: DecodeLimits) -> None:
         )
 
 
-def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image:
-    """Validate and decode one upload into an RGB image (raises InputError)."""
+def decode_image(
+    data: bytes, limits: DecodeLimits | None = None, image_size: int | None = None
+) -> Image.Image:
+    """Validate and decode one upload into an RGB image (raises InputError); `image_size`, the
+    model's input size, lets a large JPEG decode at a reduced DCT scale (None: full size)."""
     limits = limits or DecodeLimits()
     if not data:
         raise InputError(400, "the uploaded image is empty (0 bytes)")
@@ -122,17 +127,12 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
             warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like
             # Pillow's own bomb check only warns below 2x its limit; make it an error
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=[fmt])
-            _check_geometry(*im.size, limits)
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)  # animations: the first frame
-            im.load()
-            try:
-                ImageOps.exif_transpose(im, in_place=True)  # a copy only if it rotates
-            except Exception as e:  # a broken EXIF block must not lose a good image
-                log.debug("ignoring unreadable EXIF orientation: %s", e)
-            _check_geometry(*im.size, limits)
-            return to_rgb(im)
+            return open_image(
+                io.BytesIO(data),
+                image_size,
+                formats=[fmt],
+                check=lambda w, h: _check_geometry(w, h, limits),
+            )
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -133,7 +133,7 @@ class Predictor:
             images = []
             for up in uploads:
                 try:
-                    images.append(decode_image(up.data, self.limits))
+                    images.append(decode_image(up.data, self.limits, self.spec.image_size))
                 except InputError as e:
                     raise InputError(e.status, f"{up.name}: {e.message}") from e
             t1 = time.perf_counter()

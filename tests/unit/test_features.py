@@ -6,6 +6,7 @@ import numpy as np
 from adapt.data import open_dataset, read_domain
 from adapt.features import cache_key, cached_features, encode_files
 from adapt.models import load_model
+from mp2a.preprocess import DRAFT_FACTOR
 
 
 def test_second_run_reuses_cache(tmp_path, digits_small, micro_model_dir, caplog):
@@ -61,3 +62,14 @@ def test_undecodable_images_are_skipped(tmp_path, micro_model_dir):
     feats, valid = encode_files(lm, [good, bad, good], progress=False)
     assert valid.tolist() == [True, False, True]
     assert np.allclose(np.linalg.norm(feats[valid], axis=1), 1.0, atol=1e-5)
+
+
+def test_key_changes_with_the_decode_path(tmp_path, digits_small, micro_model_dir, monkeypatch):
+    """Decoding at the model's scale or in full gives other pixels: other cache entries."""
+    lm = load_model(str(micro_model_dir))
+    files = read_domain(open_dataset(digits_small), "street").files[:3]
+    k = cache_key(lm, files)
+    monkeypatch.setenv("MP2A_DECODE_DRAFT", "0")
+    assert cache_key(lm, files) != k
+    monkeypatch.setenv("MP2A_DECODE_DRAFT", str(DRAFT_FACTOR))
+    assert cache_key(lm, files) == k
