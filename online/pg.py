@@ -300,6 +300,7 @@ class PgState:
         self._listen: Any = None
         self._listen_lock: Any = None  # the open lock file while this process LISTENs
         self._lead: Any = None
+        self.lead_holder: str | None = None  # who leads, from pg_locks (a follower)
         self._lead_pid: int | None = None
         self._led = False  # a worker's state: its pool is only open while it leads
         self.offline = False  # True when started on the cached version, database down
@@ -1056,6 +1057,8 @@ class PgState:
             conn.close()
             raise StateError(f"lost PostgreSQL at {redact(self.direct_dsn)}: {e}") from e
         if not ok:
+            with contextlib.suppress(psycopg.Error):
+                self.lead_holder = ", ".join(name for _, name in leader_sessions(conn)) or None
             conn.close()
             return False
         self._lead_pid = conn.info.backend_pid  # a direct session: the server's pid

@@ -211,6 +211,7 @@ class FileState:
         self.store_path = Path(store) if store else self.run / "traffic.sqlite"
         self.store_off = store_off
         self._lead: Any = None
+        self.lead_holder: str | None = None  # who leads, as its lock file says (a follower)
 
     @classmethod
     def from_env(cls, run: Path, environ: Mapping[str, str] | None = None) -> FileState:
@@ -450,8 +451,14 @@ class FileState:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.seek(0)
+            self.lead_holder = f.read(200).strip() or None
             f.close()
             return False
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")  # for followers' logs
+        f.flush()
         self._lead = f
         return True
 

@@ -508,6 +508,7 @@ def loop(
     cfg = cfg or WorkerConfig()
     leading = False
     next_try = 0.0  # when a worker that does not lead tries the lead again
+    followed: str | None = ""  # the leader last named in the log ("": none yet)
     last_run: dict[str, float] = {}
     last_id: dict[str, int] = {}
     done: list[dict] = []
@@ -525,7 +526,17 @@ def loop(
                 retry = getattr(state, "lead_retry_s", 0.0)
                 next_try = time.monotonic() + retry * random.uniform(0.5, 1.0)
                 if not state.try_lead():
+                    holder = getattr(state, "lead_holder", None)
+                    if holder != followed:  # said once, and again when the leader changes
+                        followed = holder
+                        log.info(
+                            "this worker follows: %s leads the adaptation of %s; this one "
+                            "takes over if it ends",
+                            holder or "another worker",
+                            state.run,
+                        )
                     continue
+                followed = None
                 leading = True
                 log.info("this worker leads (%s)", state.describe())
                 for site in _sites(state):

@@ -142,6 +142,7 @@ def test_one_leader_at_a_time_and_takeover(state, run, tmp_path):
     try:
         assert state.try_lead() and state.try_lead()  # re-entrant for the holder
         assert not other.try_lead()
+        assert f"pid {os.getpid()} on " in other.lead_holder  # a follower knows who leads
         state.release_lead()
         assert other.try_lead() and not state.try_lead()
     finally:

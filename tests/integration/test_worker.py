@@ -408,3 +408,18 @@ def test_a_rollback_is_in_the_status_and_the_history(run, street_embeddings):
     worker.record_rollback(state, "3", "2")
     assert state.read_status()["state"] == "running"
     assert [d["state"] for d in state.decisions()] == ["rolled_back", "rolled_back"]
+
+
+def test_a_follower_says_it_follows_and_who_leads(run, street_embeddings, caplog):
+    store = fill_store(run, street_embeddings[:5])
+    leader, follower = FileState(run, store), FileState(run, store)
+    try:
+        assert leader.try_lead()
+        with caplog.at_level("INFO", logger="online.worker"):
+            worker.loop(follower, CFG, max_iterations=3, poll=0.01)
+        said = [r.getMessage() for r in caplog.records if "follows" in r.getMessage()]
+        assert len(said) == 1, said  # once, not at every try
+        assert f"pid {os.getpid()} on " in said[0] and "takes over if it ends" in said[0]
+    finally:
+        leader.close()
+        follower.close()
