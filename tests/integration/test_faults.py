@@ -1,0 +1,130 @@
+"""The fault matrix against a real `MP2A_ONLINE=1 mp2a serve` (BentoML server + adaptation
+worker): random bytes over the traffic store under traffic, then a full disk during traffic
+writes (RLIMIT_FSIZE set on the running processes with prlimit, then lifted). Each time every
+prediction answers 200, the fault shows in /metrics and in one log line, and the loop
+recovers by itself: new traffic is stored and the next adaptation run ends accepted or
+rejected, not failed. (serving/README.md lists the whole matrix and the tests of each case.)"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from test_online_server import AUTH, TOKEN, wait_status  # same folder (pytest's path)
+from test_serving_server import predict_ok, process
+
+from benchmarks.procs import descendants, free_port
+from online.store import peek_int
+
+
+def metric(c: httpx.Client, name: str, **labels: str) -> float:
+    for fam in text_string_to_metric_families(c.get("/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def stored(run: Path) -> int:
+    return peek_int(run / "traffic.sqlite", "SELECT COUNT(*) FROM samples")
+
+
+def wait_for(what: str, ok, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not ok():
+        assert time.time() < deadline, f"never: {what}"
+        time.sleep(0.1)
+
+
+def test_a_damaged_store_and_a_full_disk_under_a_running_online_server(
+    street_run, digits_small, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
+        "MP2A_ONLINE": "1",
+        "MP2A_ADMIN_TOKEN": TOKEN,
+        "MP2A_ADAPT_MIN_SAMPLES": "20",
+        "MP2A_ADAPT_STAGES": "1",
+        "MP2A_ADAPT_STEPS": "5",
+        "MP2A_STORE_CHECK_S": "1",
+    }
+    files = sorted(digits_small.glob("street/*/*.png"))
+    log = tmp_path / "serve.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
+    with (
+        process([*cmd, "--port", str(port)], env, log, url + "/readyz") as proc,
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
+        for f in files * 3:
+            predict_ok(c, f)
+        wait_for("traffic stored", lambda: stored(run) == 3 * len(files))
+
+        # 1. random bytes over the store's file (its WAL checkpointed into it first)
+        path = run / "traffic.sqlite"
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.seek(size // 4)
+            f.write(os.urandom(size // 2))
+        for f in files:
+            predict_ok(c, f)  # every prediction answers while the store is damaged
+        wait_for(
+            "the damaged store healed",
+            lambda: metric(c, "mp2a_state_healed_total", what="traffic_store") == 1.0,
+        )
+        aside = [p.name for p in run.glob("traffic.sqlite.damaged-*") if p.name.endswith("Z")]
+        assert len(aside) == 1, aside
+        assert log.read_text().count("is damaged (") == 1  # one line, across processes
+        base = stored(run)
+        for f in files:
+            predict_ok(c, f)
+        wait_for("new traffic in the fresh store", lambda: stored(run) >= base + len(files))
+        assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+        # 2. a full disk under traffic: the files of every server process may not grow
+        pids = descendants(proc.pid)
+        limit = 1 << 20
+        for p in pids:
+            resource.prlimit(p, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        con = sqlite3.connect(path)
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the WAL must grow again
+        con.close()
+        dropped = metric(c, "mp2a_traffic_dropped_total")
+        k = 0
+        while metric(c, "mp2a_traffic_dropped_total") == dropped:
+            predict_ok(c, files[k % len(files)])
+            k += 1
+            assert k < 5000, "writes never failed under RLIMIT_FSIZE"
+        for f in files:
+            predict_ok(c, f)
+        before = stored(run)
+        for p in pids:  # space again
+            resource.prlimit(p, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        for f in files:
+            predict_ok(c, f)
+        wait_for("storing resumed", lambda: stored(run) >= before + len(files))
+        assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+        # 3. the loop recovers: an adaptation run on the fresh store ends, not failed
+        r = c.post("/adapt", headers=AUTH)
+        assert r.status_code == 202, r.text
+        status = wait_status(c, r.json()["id"], {"accepted", "rejected", "failed"})
+        assert status["state"] in ("accepted", "rejected"), status
+        assert status["n_traffic"] >= len(files)
+        assert predict_ok(c, files[0])["model_version"]
+    print(f"\n{k} predictions until a write failed under RLIMIT_FSIZE; all answered 200")
