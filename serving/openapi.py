@@ -21,11 +21,18 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mp2a import __version__
+
 log = logging.getLogger(__name__)
 
 DOC_PATH = "/docs.json"
 HUB_ONLY = ("/traffic", "/sites/{site}/model")
 ERROR = {"$ref": "#/components/schemas/ErrorBody"}
+DESCRIPTION = (
+    "CLIP image classifier adapted by MP²A: POST an image to /predict for its label and top-k "
+    "probabilities. Admin routes take 'Authorization: Bearer <MP2A_ADMIN_TOKEN>'. Every error "
+    'answer is JSON {"error": "<what is wrong, how to fix it>"}.'
+)
 PREDICT_ERRORS = {
     400: "a malformed form, a missing or empty field, an image that does not decode",
     413: "the body, the image's pixels or the number of images is over the limit",
@@ -40,6 +47,8 @@ def document(spec: dict[str, Any], max_batch_images: int, hub: bool) -> dict[str
     """`spec` (BentoML's, as a dict) with the prediction routes described as they behave;
     without the hub's routes unless `hub`."""
     spec = json.loads(json.dumps(spec))  # a plain copy; response codes become strings
+    # BentoML's info says version "None" and advertises BentoML with pictures from the web
+    spec["info"] = {"title": "mp2a", "version": __version__, "description": DESCRIPTION}
     paths = spec["paths"]
     if not hub:
         for path in HUB_ONLY:

@@ -65,6 +65,7 @@ from online.swap import VersionWatcher
 from serving import routes
 from serving.backends import cpu_count, load_backend
 from serving.decode import DecodeLimits, InputError
+from serving.docs import JsonErrors
 from serving.guard import UploadGuard, UploadRule
 from serving.openapi import OpenAPIDocument
 from serving.predictor import Predictor, Upload
@@ -285,4 +286,5 @@ Mp2aService.add_asgi_middleware(
 Mp2aService.add_asgi_middleware(
     OpenAPIDocument, service=Mp2aService, max_batch_images=MAX_BATCH_IMAGES
 )
+Mp2aService.add_asgi_middleware(JsonErrors)  # GET /docs, / -> /docs; every error in JSON
 Mp2aService.mount_asgi_app(routes.app)
