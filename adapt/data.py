@@ -20,7 +20,11 @@ from mp2a.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# the formats the server accepts as uploads (serving/decode.py), so that a model never learns
+# from pictures its server refuses. TIFF is left out on both sides: its many codecs are a
+# decoder risk on an anonymous upload route, and cameras and browsers do not send it.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+REFUSED_SUFFIXES = frozenset({".tif", ".tiff"})
 UNLABELED = -1
 
 
@@ -48,7 +52,16 @@ class Dataset:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(folder.iterdir())
+    refused = sum(p.suffix.lower() in REFUSED_SUFFIXES for p in files)
+    if refused:
+        log.warning(
+            "%s: skipped %d TIFF image(s): the server does not accept TIFF uploads, so the "
+            "model does not learn from it either; convert them to PNG to use them",
+            folder,
+            refused,
+        )
+    return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def open_dataset(root: Path | str) -> Dataset:

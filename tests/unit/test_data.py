@@ -75,3 +75,14 @@ def test_errors(tmp_path):
         read_domain(ds, "y")
     with pytest.raises(DataError, match="unknown domain 'z'"):
         read_domain(ds, "z")
+
+
+def test_tiff_is_skipped_offline_as_online_with_a_warning(tmp_path, caplog):
+    """The server refuses TIFF uploads; training leaves TIFF out too, and says so."""
+    _img(tmp_path / "a" / "cat" / "0.png")
+    (tmp_path / "a" / "cat").joinpath("1.tif").write_bytes(b"II*\x00")
+    ds = open_dataset(tmp_path)
+    with caplog.at_level("WARNING", logger="adapt.data"):
+        d = read_domain(ds, "a")
+    assert [p.name for p in d.files] == ["0.png"]
+    assert "skipped 1 TIFF image(s)" in caplog.text and "convert them to PNG" in caplog.text
