@@ -133,7 +133,7 @@ def _read_pointer(run: Path, site: str = "") -> int | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
-        log.warning("%s is damaged (%s); falling back to the newest complete version", run, e)
+        log.debug("%s is damaged (%s)", current_file(run, site), e)
         return None
 
 
@@ -156,23 +156,65 @@ def load_current(run: Path | str, site: str = "") -> Artifact:
     fails verification: the newest complete version not rolled back, RUN itself last."""
     run = Path(run)
     pointed = _read_pointer(run, site)
+    problem = "CURRENT is damaged"
     if pointed is not None:
         try:
             return _load(run, pointed, site)
         except ArtifactError as e:
-            log.warning(
-                "CURRENT names version %s, which fails to load (%s); falling back", pointed, e
-            )
+            problem = f"CURRENT names version {pointed}, which fails to load ({e})"
     if pointed is None and not current_file(run, site).exists():
         return _load(run, BASE_VERSION)  # never published: RUN itself
     for v in reversed(_folders(run, site)):
         if v == pointed or _rolled_back(run, v, site):
             continue
         try:
-            return _load(run, v, site)
+            art = _load(run, v, site)
         except ArtifactError as e:
             log.warning("version %s is incomplete or damaged (%s); skipping it", v, e)
-    return _load(run, BASE_VERSION)
+            continue
+        _heal_pointer(run, site, problem, art.version)
+        return art
+    art = _load(run, BASE_VERSION)
+    _heal_pointer(run, site, problem, art.version)
+    return art
+
+
+_unhealed: set[tuple[str, str, str]] = set()  # said once per process when healing fails
+
+
+def _heal_pointer(run: Path, site: str, problem: str, version: int) -> None:
+    """CURRENT was damaged or named a version that fails verification, and `version` is the
+    newest verified one: move the damaged CURRENT aside (CURRENT.damaged-STAMP), point CURRENT
+    at `version`, count it in mp2a_state_healed_total{what="versions"} and say it once. The
+    damaged version folder stays where it is (never served: it fails verification)."""
+    from mp2a.heal import DAMAGED_INFIX, count_healed, stamp
+
+    cur = current_file(run, site)
+    try:
+        with _locked(run, site):
+            before = _read_pointer(run, site)
+            if before is not None and before != version:  # changed since we read it?
+                with contextlib.suppress(ArtifactError):
+                    _load(run, before, site)
+                    return  # a publish or rollback pointed it at a good version meanwhile
+            if before == version:
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(cur, cur.with_name(cur.name + DAMAGED_INFIX + stamp()))
+            _point(run, version, site)
+    except OSError as e:  # a read-only RUN: serve the fallback, say so once
+        key = (str(run), site, problem)
+        if key not in _unhealed:
+            _unhealed.add(key)
+            log.error("%s: %s; serving version %s (cannot repair: %s)", cur, problem, version, e)
+        return
+    count_healed("versions")
+    log.error(
+        "%s: %s; moved it aside and serving version %s, the newest verified one",
+        cur,
+        problem,
+        version,
+    )
 
 
 def current(run: Path | str, site: str = "") -> int:

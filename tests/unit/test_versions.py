@@ -169,16 +169,53 @@ def test_damaged_current_and_damaged_versions_fall_back_to_a_verified_one(run):
     assert versions.load_current(run).version == 1
 
 
+def test_a_damaged_pointer_heals_once_counted_and_logged(run, caplog):
+    """A damaged CURRENT, or one naming a version whose head fails its checksum: the newest
+    verified version is served and CURRENT is repaired to name it (the damaged pointer moved
+    aside), counted in mp2a_state_healed_total{what="versions"} and said in one log line;
+    later reads are quiet. A hub's site line heals the same way."""
+    import logging
+
+    from mp2a.metrics import get_metrics
+
+    def healed() -> float:
+        return get_metrics().state_healed.labels(what="versions")._value.get()
+
+    for site in ("", "south"):
+        versions.publish(run, head(1), {}, site=site)
+        versions.publish(run, head(2), {}, site=site)
+        cur = versions.current_file(run, site)
+        before = healed()
+        with caplog.at_level(logging.ERROR, logger="mp2a.versions"):
+            caplog.clear()
+            cur.write_bytes(b"\x00\xff garbage")
+            assert [versions.load_current(run, site).version for _ in range(3)] == [3, 3, 3]
+            assert json.loads(cur.read_text())["version"] == 3
+            damaged = sorted(cur.parent.glob("CURRENT.damaged-*"))
+            assert len(damaged) == 1 and damaged[0].read_bytes() == b"\x00\xff garbage"
+            h3 = versions.version_path(run, 3, site) / HEAD_FILE
+            h3.write_bytes(h3.read_bytes()[:-4] + b"oops")  # the served head, damaged
+            assert [versions.load_current(run, site).version for _ in range(3)] == [2, 2, 2]
+            assert json.loads(cur.read_text())["version"] == 2
+            lines = [r.getMessage() for r in caplog.records]
+        assert healed() == before + 2 and len(lines) == 2, lines
+        assert "CURRENT is damaged" in lines[0] and "serving version 3" in lines[0]
+        assert "fails to load" in lines[1] and "serving version 2" in lines[1]
+        assert versions.publish(run, head(3), {}, site=site) == 4  # the line goes on
+        assert versions.load_current(run, site).version == 4
+
+
 PUBLISHER = textwrap.dedent(
     """\
     import sys, numpy as np
     from mp2a import versions
     from mp2a.head import Head, l2_normalize
     run, i = sys.argv[1], 0
-    print("ready", flush=True)
     while True:
         w = l2_normalize(np.random.default_rng(i).normal(size=(2, 3, 8)).astype(np.float32))
         versions.publish(run, Head(w, 50.0), {"i": i})
+        if i == 0:  # killed from now on: after one publish, on a machine however busy
+            print("ready", flush=True)
         i += 1
     """
 )
