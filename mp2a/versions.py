@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -222,15 +223,26 @@ def current(run: Path | str, site: str = "") -> int:
     return load_current(run, site).version
 
 
+_held = threading.local()  # the version folders this thread holds the lock of
+
+
 @contextlib.contextmanager
 def _locked(run: Path, site: str = "") -> Iterator[Path]:
+    """The line's lock; re-entrant within a thread (a publish reads the served version, which
+    may repair CURRENT under the same lock: a second flock would wait for itself)."""
     d = versions_dir(run, site)
+    held = _held.__dict__.setdefault("dirs", set())
+    if str(d) in held:
+        yield d
+        return
     d.mkdir(parents=True, exist_ok=True)
     with open(d / LOCK, "a+") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        held.add(str(d))
         try:
             yield d
         finally:
+            held.discard(str(d))
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 

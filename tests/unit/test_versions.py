@@ -201,6 +201,7 @@ def test_a_damaged_pointer_heals_once_counted_and_logged(run, caplog):
         assert healed() == before + 2 and len(lines) == 2, lines
         assert "CURRENT is damaged" in lines[0] and "serving version 3" in lines[0]
         assert "fails to load" in lines[1] and "serving version 2" in lines[1]
+        cur.write_bytes(b"{")  # damaged again: a publish repairs it under its own lock
         assert versions.publish(run, head(3), {}, site=site) == 4  # the line goes on
         assert versions.load_current(run, site).version == 4
 
