@@ -51,6 +51,7 @@ class PgServer:
         self.log = self.root / "server.log"
         self.port = _free_port()
         self.as_root = os.geteuid() == 0
+        self.max_connections = 200  # PostgreSQL's default is 100; a bench may set its own
         if self.as_root:
             shutil.chown(self.root, "postgres", "postgres")
             os.chmod(self.root, 0o700)
@@ -72,7 +73,7 @@ class PgServer:
 
     def start(self) -> PgServer:
         opts = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
-        opts += " -c max_connections=200"
+        opts += f" -c max_connections={self.max_connections}"
         r = self._run(
             [str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
              str(self.log), "-w", "-t", "60", "start"],

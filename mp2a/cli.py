@@ -128,6 +128,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from benchmarks.edge import run as run_edge
 
         result = run_edge(quick=args.quick, work=Path(args.work) if args.work else None)
+    elif args.what == "fleet" and args.replicas is not None:
+        from benchmarks.fleet_scale import run as run_scale
+
+        if args.replicas < 1:
+            raise Mp2aError(f"--replicas {args.replicas}: give 1 or more replicas")
+        work = Path(args.work) if args.work else None
+        result = run_scale(args.replicas, quick=args.quick, work=work)
     elif args.what == "fleet":
         from benchmarks.fleet import run as run_fleet
 
@@ -258,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--source-margin", type=float, help="online: the gate's source-accuracy margin (0.05)"
     )
     bn.add_argument("--work", help="online, fleet, edge: keep the work folder (online: reuse it)")
+    bn.add_argument(
+        "--replicas",
+        type=int,
+        help="fleet: N light replica processes (state client, store writer, watcher, worker "
+        "loop; no model) directly, through PgBouncer, and through PgBouncer without LISTEN",
+    )
     bn.set_defaults(func=_cmd_bench)
 
     pt = sub.add_parser(

@@ -1,0 +1,416 @@
+"""`mp2a bench fleet --replicas N --json`: N light replicas on one PostgreSQL, measured.
+
+Each replica is its own process (benchmarks/replica.py): the real state client, the real
+traffic store writer fed with synthetic sampled traffic, the real version watcher and the
+real adaptation worker loop (it leads or waits; no training). Three ways of reaching the
+database, one after the other, each on a fresh PostgreSQL 15 (benchmarks/pgserver.py):
+
+    direct         MP2A_STATE = PostgreSQL (max_connections 2N + 30)
+    pgbouncer      MP2A_STATE = PgBouncer in transaction mode (benchmarks/pgbouncer.py),
+                   MP2A_STATE_DIRECT = PostgreSQL for LISTEN and the leader's lock
+                   (max_connections N + 40)
+    pgbouncer-poll the same with MP2A_STATE_LISTEN=0 (no LISTEN: version changes by polling),
+                   on PostgreSQL's default max_connections 100
+
+Per way: the peak of client sessions in pg_stat_activity (sampled every 0.25 s, the bench's
+own excluded; per replica, by the pid in application_name, on direct connections), the rows
+committed per second, publishes → every replica serving the new version (from each
+replica's own record of when its watcher swapped), kill -9 of the leading replica → another
+holds the lead, a PostgreSQL restart under load (down 3 s) → every replica's watcher healthy
+and its writer committing again, and rows counted before and after: the rows in the database
+never fewer than those committed before the restart, nor than every replica's count of its
+committed samples at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.pgbouncer import PgBouncer
+from benchmarks.pgserver import PgServer
+from mp2a.errors import Mp2aError
+from online.supervisor import REPO_ROOT
+
+MODES = ("direct", "pgbouncer", "pgbouncer-poll")
+
+
+class Monitor:
+    """Samples pg_stat_activity of one database on a direct connection of its own."""
+
+    def __init__(self, dsn: str, every: float = 0.25) -> None:
+        self.dsn, self.every = dsn, every
+        self.peak_total = 0
+        self.peak_mp2a = 0
+        self.peak_per_pid: dict[int, int] = {}
+        self.per_pid: dict[int, list[int]] = {}  # every sample's count, per replica process
+        self.totals: list[int] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Monitor:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import psycopg
+
+        me = os.getpid()
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
+                rows = conn.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE "
+                    "backend_type = 'client backend' AND datname = current_database() "
+                    "AND pid <> pg_backend_pid() GROUP BY 1"
+                ).fetchall()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    conn.close()  # type: ignore[union-attr]
+                conn = None
+                self._stop.wait(self.every)
+                continue
+            total = mp2a = 0
+            for name, n in rows:
+                pid = _pid_of(name)
+                if pid == me:
+                    continue  # the bench's own sessions (publishes, counts)
+                total += n
+                if pid is not None:
+                    mp2a += n
+                    self.peak_per_pid[pid] = max(self.peak_per_pid.get(pid, 0), n)
+                    self.per_pid.setdefault(pid, []).append(n)
+            self.peak_total = max(self.peak_total, total)
+            self.totals.append(total)
+            self.peak_mp2a = max(self.peak_mp2a, mp2a)
+            self.samples += 1
+            self._stop.wait(self.every)
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def reset(self) -> int:
+        """Start counting afresh (the fleet is up); returns the peak so far (the start)."""
+        peak, self.peak_total, self.peak_mp2a = self.peak_total, 0, 0
+        self.peak_per_pid, self.per_pid, self.totals = {}, {}, []
+        return peak
+
+
+def _pid_of(name: str | None) -> int | None:
+    """The pid in "mp2a pid N on HOST", else None."""
+    parts = (name or "").split()
+    if len(parts) >= 3 and parts[0] == "mp2a" and parts[1] == "pid" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def _prepare(work: Path) -> Path:
+    from benchmarks.fleet import _mp2a
+
+    data, run = work / "digits", work / "run"
+    _mp2a("data", "digits", "--out", str(data), "--per-class", "4", "--quiet")
+    _mp2a(
+        "adapt", "--data", str(data), "--target", "street", "--method", "zeroshot",
+        "--out", str(run), "--no-cache", "--quiet",
+    )  # fmt: skip
+    return run
+
+
+def _stats(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _count(dsn: str) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        return int(conn.execute("SELECT count(*) FROM traffic").fetchone()[0])
+
+
+def _leader_pid(dsn: str) -> int | None:
+    import psycopg
+
+    from online.pg import leader_sessions
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        found = [_pid_of(name) for _, name in leader_sessions(conn)]
+    return found[0] if found else None
+
+
+def _wait(what: str, check, timeout: float, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise Mp2aError(f"fleet bench: never {what} within {timeout:.0f} s")
+        time.sleep(every)
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    return round(float(np.percentile(xs, q)), 1) if xs else None
+
+
+def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate: float) -> dict:
+    from mp2a.head import Head
+    from online.state import open_state
+
+    max_conn = {"direct": 2 * replicas + 30, "pgbouncer": replicas + 40}.get(mode, 100)
+    pg = PgServer()
+    pg.max_connections = max_conn
+    pg.start()
+    bouncer = None
+    procs: dict[int, subprocess.Popen] = {}
+    stats_dir = work / mode
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        direct = pg.create_db("fleet")
+        env = {
+            **os.environ,
+            "MP2A_STATE": direct,
+            "MP2A_STORE_MAX_ROWS": str(10**8),  # nothing capped: every committed row counted
+            "MP2A_SAMPLE_RATE": "0.5",
+        }
+        if mode != "direct":
+            bouncer = PgBouncer(pg, pool_size=10, max_clients=4 * replicas + 100).start()
+            env["MP2A_STATE"] = bouncer.dsn_for("fleet")
+            env["MP2A_STATE_DIRECT"] = direct
+        if mode == "pgbouncer-poll":
+            env["MP2A_STATE_LISTEN"] = "0"
+        pub_env = {**env, "MP2A_STATE_CACHE": str(work / f"{mode}-pub")}
+        state = open_state(run, pub_env)  # migrates once before the fleet starts
+        base = state.load_current()
+        monitor = Monitor(direct).start()
+        t_start = time.monotonic()
+        for i in range(replicas):
+            renv = {**env, "MP2A_STATE_CACHE": str(work / f"{mode}-cache-{i}")}
+            cmd = [sys.executable, "-m", "benchmarks.replica", str(run),
+                   "--stats", str(stats_dir / f"{i}.json"), "--rate", str(rate)]  # fmt: skip
+            with open(stats_dir / f"{i}.log", "wb") as log:
+                procs[i] = subprocess.Popen(
+                    cmd, env=renv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+                )
+            if i % 10 == 9:  # a start is mostly imports: let the cores keep up
+                time.sleep(1.0)
+
+        def all_stats() -> dict[int, dict]:
+            return {i: s for i in procs if (s := _stats(stats_dir / f"{i}.json"))}
+
+        def alive() -> list[int]:
+            for i, p in procs.items():
+                if p.poll() is not None and p.returncode not in (0, -9):
+                    tail = (stats_dir / f"{i}.log").read_text(errors="replace")[-1500:]
+                    raise Mp2aError(f"replica {i} exited {p.returncode}: {tail}")
+            return [i for i, p in procs.items() if p.poll() is None]
+
+        _wait("all replicas ready", lambda: len(alive()) and len(all_stats()) == replicas, 600)
+        start_s = time.monotonic() - t_start
+        leaders = {_wait("a leader", lambda: _leader_pid(direct), 60)}
+        time.sleep(2 if quick else 5)
+        peak_start = monitor.reset()  # from here on: the fleet up and under load
+
+        # ingest: committed rows per second with every replica offering
+        window = 3 if quick else 10
+        s0, r0, t0 = all_stats(), _count(direct), time.monotonic()
+        time.sleep(window)
+        s1, r1, dt = all_stats(), _count(direct), time.monotonic() - t0
+        ingest = (r1 - r0) / dt
+        offered_rate = sum(s1[i]["offered"] - s0[i]["offered"] for i in s1 if i in s0) / dt
+        sampled_rate = sum(s1[i]["queued"] - s0[i]["queued"] for i in s1 if i in s0) / dt
+
+        # publishes: commit → every replica's watcher swapped to it
+        gap = 2.0 if quick else 3.0
+        served, commits = 1, []
+        for n in range(2 if quick else 6):
+            head = Head(np.roll(base.head.weight, n + 1, axis=1), base.head.logit_scale)
+            served = state.publish(
+                head, {"bench": n}, parent=served, prompts=None, decision=None,
+                method="bench", prompt_config=None, rows=None,
+            )  # fmt: skip
+            commits.append((str(served), time.time()))
+            time.sleep(gap)
+        time.sleep(2.0)
+        snap = all_stats()
+        per_publish, per_replica = [], []
+        missed = 0
+        for v, t in commits:
+            lags = []
+            for s in snap.values():
+                # serving v or a newer version (a watcher may skip one published meanwhile)
+                times = [a for k, a in s["arrived"].items() if int(k) >= int(v)]
+                got = min(times) if times else None
+                if got is None:
+                    missed += 1
+                else:
+                    lags.append(max(0.0, got - t) * 1000)
+            per_replica += lags
+            if lags:
+                per_publish.append(max(lags))
+
+        # kill -9 of the leading replica
+        old = _leader_pid(direct)
+        victim = next(i for i, p in procs.items() if p.pid == old)
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait()
+        killed = time.monotonic()
+        new = _wait("a new leader", lambda: (p := _leader_pid(direct)) and p != old and p, 60, 0.05)
+        takeover_s = time.monotonic() - killed
+        leaders |= {old, new}
+        killed_committed = (snap.get(victim) or {}).get("committed", 0)
+
+        # PostgreSQL restart under load
+        survivors = [i for i in alive() if i != victim]
+        before = all_stats()
+        rows_before = _count(direct)
+        pg.restart(down_seconds=3.0)
+        back = time.time()
+        rows_after_restart = _count(direct)
+
+        def reconnected() -> bool:
+            now = all_stats()
+            return all(
+                now[i]["t"] > back + 0.5
+                and now[i]["healthy"]
+                and now[i]["committed"] > before[i]["committed"]
+                for i in survivors
+                if i in now and i in before
+            )
+
+        _wait("every replica reconnected", reconnected, 120, 0.25)
+        reconnect_s = time.time() - back
+        time.sleep(1.0)
+        leader_after_restart = _wait("a leader after the restart", lambda: _leader_pid(direct), 60)
+        leaders.add(leader_after_restart)
+
+        # stop: each replica flushes its queue and reports what it committed
+        for i in survivors:
+            procs[i].send_signal(signal.SIGTERM)
+        for i in survivors:
+            procs[i].wait(120)
+        final = all_stats()
+        committed = sum(final[i]["committed"] for i in survivors) + killed_committed
+        offered = sum(s["offered"] for s in final.values())
+        dropped = sum(final[i]["dropped"] for i in survivors)
+        rows_end = _count(direct)
+        monitor.stop()
+        state.close()
+        per_pid = list(monitor.peak_per_pid.values())
+        # held: what a replica keeps open (95% of its samples); the peak adds the short-lived
+        # sessions of start-up and of a waiting worker's tries for the lead
+        held = [int(np.percentile(v, 95)) for v in monitor.per_pid.values() if len(v) >= 10]
+        held_others = [
+            int(np.percentile(v, 95))
+            for pid, v in monitor.per_pid.items()
+            if len(v) >= 10 and pid not in leaders
+        ]
+        return {
+            "mode": mode,
+            "replicas": replicas,
+            "max_connections": max_conn,
+            "start_seconds": round(start_s, 1),
+            "connections": {
+                "peak_during_start": peak_start,
+                "peak_total": monitor.peak_total,
+                "held_total_p95": _pct(monitor.totals, 95),
+                "peak_mp2a_sessions": monitor.peak_mp2a,
+                "peak_per_replica_max": max(per_pid) if per_pid else None,
+                "held_per_replica_max": max(held) if held else None,
+                "held_per_non_leader_max": max(held_others) if held_others else None,
+                "non_leaders_holding_over_2": sum(1 for n in held_others if n > 2),
+                "per_replica": round(monitor.peak_total / replicas, 2),
+                "room_left": max_conn - monitor.peak_total,
+                "samples": monitor.samples,
+            },
+            "ingest_rows_per_s": round(ingest, 1),
+            "offered_per_s": round(offered_rate, 1),
+            "sampled_per_s": round(sampled_rate, 1),
+            "offered_per_s_asked": round(replicas * rate, 1),
+            "publish_all_swapped_ms": {
+                "per_publish": [round(x, 1) for x in per_publish],
+                "p99": _pct(per_publish, 99),
+                "replica_p50": _pct(per_replica, 50),
+                "replica_p99": _pct(per_replica, 99),
+                "missed": missed,
+            },
+            "takeover_seconds": round(takeover_s, 2),
+            "restart": {
+                "reconnect_seconds": round(reconnect_s, 1),
+                "rows_before": rows_before,
+                "rows_after_restart": rows_after_restart,
+                "committed_rows_lost_in_restart": max(0, rows_before - rows_after_restart),
+                "leader_after_restart": leader_after_restart is not None,
+            },
+            "rows": {
+                "offered": offered,
+                "committed_by_replicas": committed,
+                "in_database": rows_end,
+                "committed_rows_lost": max(0, committed - rows_end),
+                "dropped_by_writers": dropped,
+            },
+        }
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if bouncer is not None:
+            bouncer.destroy()
+        pg.destroy()
+
+
+def run(replicas: int, quick: bool = False, work: Path | None = None, rate: float = 20.0) -> dict:
+    t_all = time.time()
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mp2a-scale-")))
+        work.mkdir(parents=True, exist_ok=True)
+        run_dir = _prepare(work)
+        modes = {}
+        for m in MODES:
+            modes[m] = run_mode(m, work, run_dir, replicas, quick, rate)
+            (work / f"{m}.json").write_text(json.dumps(modes[m], indent=1))
+    targets = {}
+    for m, r in modes.items():
+        c = r["connections"]
+        targets[m] = {
+            # per replica on its direct sessions; through PgBouncer the server's sessions
+            # are the pooler's, so its figure is the total over the replicas
+            "le_2_connections_per_replica": (c["held_per_non_leader_max"] or 0) <= 2
+            and c["peak_total"] <= 2 * replicas + 4,
+            "fits_max_connections_100_with_room": c["peak_total"] <= 90,
+            "publish_all_le_2_s_p99": (r["publish_all_swapped_ms"]["p99"] or 1e9) <= 2000
+            and r["publish_all_swapped_ms"]["missed"] == 0,
+            "takeover_le_10_s": r["takeover_seconds"] <= 10,
+            "zero_committed_rows_lost": r["rows"]["committed_rows_lost"] == 0
+            and r["restart"]["committed_rows_lost_in_restart"] == 0,
+        }
+    return {
+        "bench": "fleet",
+        "replicas": replicas,
+        "quick": quick,
+        "rate_per_replica": rate,
+        "modes": modes,
+        "targets": targets,
+        "seconds": round(time.time() - t_all, 1),
+        "cpu_count": os.cpu_count(),
+    }
