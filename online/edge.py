@@ -51,6 +51,7 @@ from mp2a import versions
 from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError
 from mp2a.head import Head
+from mp2a.heal import inode, is_damage, quarantine_sqlite
 from online.hub import check_site, encode_samples
 from online.store import connect
 
@@ -153,7 +154,10 @@ class EdgeSync:
         """A random id of this buffer file: batch ids stay unique if the file is recreated."""
         if not self.store_path.is_file():
             return "new"
-        con = connect(self.store_path)
+        try:
+            con = connect(self.store_path)
+        except sqlite3.Error:  # damaged: upload_once moves it aside
+            return "new"
         try:
             row = con.execute("SELECT value FROM meta WHERE key = 'edge_uid'").fetchone()
             if row is None:
@@ -168,13 +172,8 @@ class EdgeSync:
         finally:
             con.close()
 
-    def upload_once(self) -> int:
-        """Send the oldest batch; the number of rows the hub now has (0: nothing to send).
-        Raises OSError (network) or RuntimeError (the hub refused) to back off."""
-        if not self.store_path.is_file():
-            return 0
-        if self._uid == "new":
-            self._uid = self._buffer_uid()
+    def _oldest(self) -> tuple[list[tuple], int]:
+        """The oldest batch of the buffer and its depth."""
         con = connect(self.store_path)
         try:
             rows = con.execute(
@@ -182,9 +181,28 @@ class EdgeSync:
                 "ORDER BY id LIMIT ?",
                 (self.cfg.batch,),
             ).fetchall()
-            depth = con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+            return rows, int(con.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
         finally:
             con.close()
+
+    def upload_once(self) -> int:
+        """Send the oldest batch; the number of rows the hub now has (0: nothing to send).
+        Raises OSError (network) or RuntimeError (the hub refused) to back off."""
+        if not self.store_path.is_file():
+            return 0
+        if self._uid == "new":
+            self._uid = self._buffer_uid()
+        seen = inode(self.store_path)
+        try:
+            rows, depth = self._oldest()
+        except sqlite3.DatabaseError as e:
+            if not is_damage(e):
+                raise
+            # a damaged buffer: moved aside (mp2a/heal.py); the server's store writer makes
+            # a fresh one, with a new uid so batch ids stay unique
+            quarantine_sqlite(self.store_path, "edge_buffer", str(e), seen)
+            self._uid = "new"
+            return 0
         self._gauges(depth, rows[0][1] if rows else None)
         if not rows:
             return 0

@@ -25,7 +25,7 @@ import pytest
 from test_serving_server import predict_ok
 
 from benchmarks.edge import hub_and_edges
-from benchmarks.procs import ServerProcess
+from benchmarks.procs import ServerProcess, free_port
 from mp2a import versions
 from mp2a.errors import ArtifactError
 from mp2a.head import Head
@@ -265,3 +265,31 @@ def test_a_head_that_fails_its_checksum_is_refused(street_run, tmp_path):
         assert FakeHub.seen[-1].get("If-None-Match") == FakeHub.etag
     finally:
         server.shutdown()
+
+
+def test_a_damaged_upload_buffer_is_moved_aside_and_refilled(street_run, tmp_path):
+    """The edge's buffer (its traffic store) damaged on disk: the uploader moves it aside,
+    counts it (mp2a_state_healed_total{what="edge_buffer"}) and goes on; the server's store
+    writer makes a fresh one, whose rows the uploader reads under a new buffer id."""
+    from mp2a.metrics import get_metrics
+    from online.store import StoreConfig, TrafficStore
+
+    run = copy_run(street_run, tmp_path / "edge")
+    buffer = run / "traffic.sqlite"
+    buffer.write_bytes(b"these bytes are not a database" * 300)
+    port = free_port()  # nothing listens there: a hub that is down
+    sync = EdgeSync(run, EdgeConfig(f"http://127.0.0.1:{port}", "north", "n" * 32, 0.1))
+    healed = get_metrics().state_healed.labels(what="edge_buffer")
+    before = healed._value.get()
+    assert sync.upload_once() == 0
+    assert healed._value.get() == before + 1
+    assert len(list(run.glob("traffic.sqlite.damaged-*"))) == 1 and not buffer.exists()
+    dim = versions.load_current(run).backbone.embed_dim
+    store = TrafficStore(StoreConfig(path=buffer, dim=dim))
+    for e in np.random.default_rng(0).normal(size=(5, dim)).astype(np.float32):
+        store.offer(e, 1, 0.5, "1")
+    store.flush(30)
+    with pytest.raises(OSError):  # it read the fresh buffer and tried the (down) hub
+        sync.upload_once()
+    assert sync._uid != "new" and store.count() == 5
+    store.close()
