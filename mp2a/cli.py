@@ -123,11 +123,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.what == "serving":
         from benchmarks.serving import run as run_serving
 
-        result = run_serving(quick=args.quick)
+        photos = Path(args.photos) if args.photos else None
+        if photos is not None and not photos.is_dir():
+            raise Mp2aError(f"--photos {args.photos}: not a folder; give an ImageFolder root")
+        models = tuple(args.models.split(",")) if args.models else None
+        unknown = [m for m in models or () if m not in ("tiny-digits", "ViT-B-16")]
+        if unknown:
+            raise Mp2aError(f"--models {args.models}: choose from tiny-digits, ViT-B-16")
+        result = run_serving(quick=args.quick, photos=photos, peers=args.peers, models=models)
     elif args.what == "edge":
         from benchmarks.edge import run as run_edge
 
         result = run_edge(quick=args.quick, work=Path(args.work) if args.work else None)
+    elif args.what == "estimate":
+        from benchmarks.estimate import run as run_estimate
+
+        result = run_estimate(quick=args.quick, work=Path(args.work) if args.work else None)
     elif args.what == "fleet" and args.replicas is not None:
         from benchmarks.fleet_scale import run as run_scale
 
@@ -257,14 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks; figures as one JSON object on stdout",
         formatter_class=_HelpWithDefaults,
     )
-    bn.add_argument("what", choices=["adapt", "export", "serving", "online", "fleet", "edge"])
+    bn.add_argument(
+        "what", choices=["adapt", "export", "serving", "online", "fleet", "edge", "estimate"]
+    )
     bn.add_argument("--json", action="store_true", help="compact JSON (one line)")
     bn.add_argument("--quick", action="store_true", help="small models only")
     bn.add_argument("--method", help="online: the worker's method, mp2a-t (default) or mp2a")
     bn.add_argument(
         "--source-margin", type=float, help="online: the gate's source-accuracy margin (0.05)"
     )
-    bn.add_argument("--work", help="online, fleet, edge: keep the work folder (online: reuse it)")
+    bn.add_argument(
+        "--work", help="online, fleet, edge, estimate: keep the work folder (online: reuse it)"
+    )
+    bn.add_argument("--photos", help="serving: an ImageFolder of camera photos (dslr, webcam)")
+    bn.add_argument(
+        "--peers", action="store_true", help="serving: LitServe and plain BentoML side by side"
+    )
+    bn.add_argument("--models", help="serving: tiny-digits (default), ViT-B-16, comma-separated")
     bn.add_argument(
         "--replicas",
         type=int,

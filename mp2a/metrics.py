@@ -237,3 +237,45 @@ def get_edge_metrics() -> EdgeMetrics:
             "mp2a_edge_head_rejected", "Heads from the hub refused (failed their sha256)"
         ),
     )
+
+
+MONITOR_GAUGES = (
+    ("accuracy", "mp2a_estimated_accuracy", "Served head's estimated accuracy on recent traffic"),
+    ("low", "mp2a_estimated_accuracy_low", "Low end of the estimate's 90 % interval"),
+    ("high", "mp2a_estimated_accuracy_high", "High end of the estimate's 90 % interval"),
+    ("shift", "mp2a_shift_score", "Shift score: sources vs recent traffic"),
+    ("ood", "mp2a_ood_fraction", "Fraction of recent traffic out of the label set"),
+)  # fmt: skip
+OWN_SITE_LABEL = "default"  # the server's own traffic (a hub's edge sites by their names)
+
+
+@dataclass(frozen=True)
+class MonitorMetrics:
+    gauges: dict[str, Any]  # key of MONITOR_GAUGES -> Gauge{site}
+
+    def set_monitor(self, fig: dict) -> None:
+        """Set the gauges from online.monitor figures; a figure that is None is NaN (no
+        value yet), not a stale number."""
+        site = fig.get("site") or OWN_SITE_LABEL
+        low, high = (fig.get("interval") or [None, None])[:2]
+        values = {
+            "accuracy": fig.get("estimated_accuracy"),
+            "low": low,
+            "high": high,
+            "shift": fig.get("shift_score"),
+            "ood": fig.get("ood_fraction"),
+        }
+        for key, v in values.items():
+            self.gauges[key].labels(site=site).set(float("nan") if v is None else float(v))
+
+
+@functools.lru_cache(maxsize=1)
+def get_monitor_metrics() -> MonitorMetrics:
+    from prometheus_client import Gauge
+
+    return MonitorMetrics(
+        {
+            key: Gauge(name, doc, ["site"], multiprocess_mode="mostrecent")
+            for key, name, doc in MONITOR_GAUGES
+        }
+    )

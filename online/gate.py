@@ -56,21 +56,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mp2a.head import Head
+from mp2a.head import Head, l2_normalize
+from online import estimate
 
 HOLDOUT_EVERY = 5
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    min_gain: float = 0.01  # estimated target accuracy must rise by this (absolute)
-    source_margin: float = 0.05  # the prompt rows' held-out source accuracy
-    head_source_margin: float = 0.10  # the whole head's
+    min_gain: float = 0.01  # the estimated paired gain must reach this, and its interval > 0
+    source_margin: float = 0.05  # the prompt rows' held-out source accuracy (collapse)
     min_structure: float = 0.65
-    atc_tolerance: float = 0.02
-    agreement_floor: float = 0.5
-    entropy_factor: float = 1.5
-    entropy_slack: float = 0.05
+    agreement_floor: float = 0.0  # off: no measured harmful case needed it (kept settable)
     max_class_share: float = 0.6  # of the candidate's predictions
     max_stream_excess: float = 0.35  # of the serving head's predictions, beyond balance
     min_holdout_traffic: int = 20
@@ -97,17 +94,6 @@ def _share(pred: np.ndarray, c: int) -> tuple[float, int]:
     return float(counts[top] / max(1, len(pred))), top
 
 
-def atc_estimate(
-    source_probs: np.ndarray, source_labels: np.ndarray, target_probs: np.ndarray
-) -> tuple[float, float]:
-    """ATC with negative entropy: (estimated target accuracy, threshold)."""
-    s_src, s_tgt = _neg_entropy(source_probs), _neg_entropy(target_probs)
-    acc = float((source_probs.argmax(1) == source_labels).mean())
-    # the threshold leaves a fraction `acc` of the source scores above it
-    t = float(np.quantile(s_src, 1.0 - acc)) if acc < 1.0 else float(s_src.min()) - 1e-9
-    return float((s_tgt > t).mean()), t
-
-
 def fisher_ratio(features: np.ndarray, probs: np.ndarray) -> float:
     """Between-class over within-class variance of normalised `features` under the soft
     labelling `probs` (N, C)."""
@@ -120,18 +106,6 @@ def fisher_ratio(features: np.ndarray, probs: np.ndarray) -> float:
     return between / max(within, 1e-12)
 
 
-def reference_labels(
-    serving_probs: np.ndarray, candidate_probs: np.ndarray, traffic: np.ndarray
-) -> tuple[np.ndarray, dict]:
-    """The two heads' mean labelling of `traffic`, refined with the traffic's clusters."""
-    from adapt.transductive import refine  # numpy only; adapt/ is not needed at import
-
-    c = serving_probs.shape[1]
-    votes = (np.eye(c)[serving_probs.argmax(1)] + np.eye(c)[candidate_probs.argmax(1)]) / 2
-    r = refine(traffic, 0.9 * votes + 0.1 / c)
-    return r.probs.argmax(1), {"kl_weight": r.kl_weight, "relabelled": r.relabelled}
-
-
 def evaluate(
     serving: Head,
     candidate: Head,
@@ -141,11 +115,13 @@ def evaluate(
     cfg: GateConfig | None = None,
     serving_prompts: Head | None = None,
     candidate_prompts: Head | None = None,
+    source_domains: np.ndarray | None = None,
 ) -> dict:
     """Compare `candidate` with `serving` on held-out source rows (with labels) and held-out
     traffic embeddings; returns {"accepted", "reasons", figures…, "config"}.
     `serving_prompts` / `candidate_prompts`: the heads' prompt rows alone (default: the whole
-    heads)."""
+    heads); `source_domains`: the source rows' domains (the absolute estimates' calibration
+    across shifts)."""
     cfg = cfg or GateConfig()
     if serving.num_classes != candidate.num_classes or serving.dim != candidate.dim:
         return {
@@ -159,51 +135,56 @@ def evaluate(
     c = serving.num_classes
     reasons: list[str] = []
     fig: dict = {"n_source_holdout": len(source_labels), "n_traffic_holdout": len(traffic)}
-    have_source = len(source_labels) > 0
+    have_source = len(source_labels) >= c
     if have_source:
-        src_s, src_c = serving.probs(source_features), candidate.probs(source_features)
-        acc_s = float((src_s.argmax(1) == source_labels).mean())
-        acc_c = float((src_c.argmax(1) == source_labels).mean())
-    else:
-        acc_s = acc_c = float("nan")
-        reasons.append("no held-out source features: source accuracy cannot be checked")
-    fig.update(source_accuracy_serving=acc_s, source_accuracy_candidate=acc_c)
-    fig["source_accuracy_drop"] = acc_s - acc_c
-    if have_source and acc_c < acc_s - cfg.head_source_margin:
-        reasons.append(
-            f"held-out source accuracy {acc_c:.3f} is more than {cfg.head_source_margin:.3f} "
-            f"below the serving head's {acc_s:.3f}"
-        )
-    if have_source:
+        view_s = estimate.source_view(serving, source_features, source_labels, source_domains)
+        view_c = estimate.source_view(candidate, source_features, source_labels, source_domains)
+        src_s = view_s.probs
+        acc_s = float((view_s.probs.argmax(1) == view_s.labels).mean())
+        acc_c = float((view_c.probs.argmax(1) == view_c.labels).mean())
         sp = serving_prompts or serving
         cp = candidate_prompts or candidate
-        pacc_s = float((sp.probs(source_features).argmax(1) == source_labels).mean())
-        pacc_c = float((cp.probs(source_features).argmax(1) == source_labels).mean())
-        fig.update(source_accuracy_prompts_serving=pacc_s, source_accuracy_prompts_candidate=pacc_c)
+        x_src = view_s.features
+        pacc_s = float((sp.probs(x_src).argmax(1) == view_s.labels).mean())
+        pacc_c = float((cp.probs(x_src).argmax(1) == view_s.labels).mean())
+        fig.update(
+            source_accuracy_serving=acc_s,
+            source_accuracy_candidate=acc_c,
+            source_accuracy_drop=acc_s - acc_c,
+            source_accuracy_prompts_serving=pacc_s,
+            source_accuracy_prompts_candidate=pacc_c,
+        )
         if pacc_c < pacc_s - cfg.source_margin:
             reasons.append(
                 f"the candidate's prompt rows reach {pacc_c:.3f} on held-out source rows, more "
                 f"than {cfg.source_margin:.3f} below the serving prompts' {pacc_s:.3f}: "
                 "training on this traffic damaged what the prompts know of the label set"
             )
-
-    if len(traffic) < max(1, cfg.min_holdout_traffic):
+    else:
         reasons.append(
-            f"{len(traffic)} held-out traffic samples, need {cfg.min_holdout_traffic}: the "
-            "traffic checks cannot run; serve more traffic first"
+            f"{len(source_labels)} held-out source rows, fewer than the {c} classes: the "
+            "estimates cannot be calibrated and collapse cannot be checked"
+        )
+
+    if len(traffic) < max(1, cfg.min_holdout_traffic, c):
+        reasons.append(
+            f"{len(traffic)} held-out traffic samples, need {max(cfg.min_holdout_traffic, c)}: "
+            "the traffic checks cannot run; serve more traffic first"
         )
         return _result(reasons, fig, cfg)
+    if not have_source:
+        return _result(reasons, fig, cfg)
 
-    ps, pc = serving.probs(traffic), candidate.probs(traffic)
+    x = l2_normalize(np.asarray(traffic, np.float32))
+    ps, pc = serving.probs(x), candidate.probs(x)
     pred_s, pred_c = ps.argmax(1), pc.argmax(1)
     agreement = float((pred_s == pred_c).mean())
-    ent_s, ent_c = _entropy(ps), _entropy(pc)
     share_s, top_s = _share(pred_s, c)
     share_c, top_c = _share(pred_c, c)
     fig.update(
         agreement=agreement,
-        entropy_serving=ent_s,
-        entropy_candidate=ent_c,
+        entropy_serving=_entropy(ps),
+        entropy_candidate=_entropy(pc),
         max_class_share_serving=share_s,
         max_class_share_candidate=share_c,
         max_class_serving=top_s,
@@ -211,15 +192,7 @@ def evaluate(
         mean_confidence_serving=float(ps.max(1).mean()),
         mean_confidence_candidate=float(pc.max(1).mean()),
     )
-    if have_source:
-        atc_s, t_s = atc_estimate(src_s, source_labels, ps)
-        atc_c, t_c = atc_estimate(src_c, source_labels, pc)
-    else:
-        atc_s = atc_c = t_s = t_c = float("nan")
-    if have_source:
-        structure = fisher_ratio(traffic, ps) / max(fisher_ratio(source_features, src_s), 1e-12)
-    else:
-        structure = float("nan")
+    structure = fisher_ratio(x, ps) / max(fisher_ratio(x_src, src_s), 1e-12)
     fig["class_structure"] = structure
     if structure < cfg.min_structure:
         reasons.append(
@@ -228,21 +201,25 @@ def evaluate(
             "like images of this label set (another label set, noise, a broken camera?); "
             "nothing to adapt to"
         )
-    ref, ref_fig = reference_labels(ps, pc, traffic)
-    agree_s, agree_c = float((pred_s == ref).mean()), float((pred_c == ref).mean())
-    est_s = float(np.nanmean([atc_s, agree_s]))
-    est_c = float(np.nanmean([atc_c, agree_c]))
+    # the decision: the estimated paired gain on the same held-out rows, with its interval
+    gain = estimate.paired_gain(serving, candidate, view_s, view_c, x)
+    est_s = estimate.estimate(serving, view_s, x)
+    est_c = estimate.estimate(candidate, view_c, x)
+    atc_s, atc_c = (
+        estimate.atc(src_s, view_s.labels, ps),
+        estimate.atc(view_c.probs, view_c.labels, pc),
+    )
     fig.update(
+        estimated_gain=gain.value,
+        estimated_gain_interval=[gain.low, gain.high],
+        gain_method=gain.method,
+        estimate_serving=est_s.value,
+        estimate_candidate=est_c.value,
+        estimate_serving_interval=[est_s.low, est_s.high],
+        estimate_candidate_interval=[est_c.low, est_c.high],
+        estimate_method=est_s.method,
         atc_serving=atc_s,
         atc_candidate=atc_c,
-        atc_threshold_serving=t_s,
-        atc_threshold_candidate=t_c,
-        refined_agreement_serving=agree_s,
-        refined_agreement_candidate=agree_c,
-        reference=ref_fig,
-        estimate_serving=est_s,
-        estimate_candidate=est_c,
-        estimated_gain=est_c - est_s,
     )
     stream_limit = 1 / c + cfg.max_stream_excess * (1 - 1 / c)
     fig["stream_share_limit"] = stream_limit
@@ -252,26 +229,16 @@ def evaluate(
             f"class {top_s} for the serving head (limit {stream_limit:.3f}); adapting to it "
             "would teach the head that class; collect a more varied stream"
         )
-    if est_c < est_s + cfg.min_gain:
+    if gain.value < cfg.min_gain or gain.low <= 0:
         reasons.append(
-            f"estimated target accuracy {est_c:.3f} is not at least {cfg.min_gain:.3f} above "
-            f"the serving head's {est_s:.3f} (ATC {atc_c:.3f} vs {atc_s:.3f}, agreement with "
-            f"the refined labels {agree_c:.3f} vs {agree_s:.3f})"
-        )
-    tolerance = max(cfg.atc_tolerance, 2.0 / len(traffic))
-    if atc_c < atc_s - tolerance:
-        reasons.append(
-            f"the ATC estimate fell from {atc_s:.3f} to {atc_c:.3f} (tolerance {tolerance:.3f})"
+            f"the estimated accuracy gain {gain.value:+.3f} (90 % interval {gain.low:+.3f} to "
+            f"{gain.high:+.3f}, {gain.method} on {gain.n} held-out samples) is not clearly "
+            f"above zero (needs at least {cfg.min_gain:.3f} and an interval above 0)"
         )
     if agreement < cfg.agreement_floor:
         reasons.append(
             f"agreement with the serving head on held-out traffic {agreement:.3f} is below "
             f"the floor {cfg.agreement_floor:.3f}"
-        )
-    if ent_c > cfg.entropy_factor * ent_s and ent_c > ent_s + cfg.entropy_slack:
-        reasons.append(
-            f"mean prediction entropy rose from {ent_s:.3f} to {ent_c:.3f} (normalised), "
-            f"over {cfg.entropy_factor}x"
         )
     if share_c > cfg.max_class_share:
         reasons.append(

@@ -69,6 +69,12 @@ def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str
         if method not in choices:
             raise Mp2aError(f"{name} must be one of {', '.join(choices)}, got {method!r}")
         cmd += [flag, method]
+    from online.worker import drift_from_env  # the drift trigger's settings, checked here
+
+    try:
+        drift_from_env(env)
+    except ValueError as e:
+        raise Mp2aError(f"{e}; fix or unset it") from None
     return cmd
 
 

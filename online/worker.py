@@ -50,7 +50,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,7 @@ from mp2a.artifact import PROMPTS_FILE, SOURCE_FEATURES_FILE, Artifact, load_art
 from mp2a.errors import ArtifactError
 from mp2a.head import PROMPT, PROTOTYPE, Head, l2_normalize
 from mp2a.metrics import ServingMetrics
-from online import estimate, gate
+from online import estimate, gate, monitor
 from online.state import DEFAULT_SITE, State, StateError, now, open_state
 
 log = logging.getLogger(__name__)
@@ -354,10 +354,9 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x).all(axis=1)
 
 
-def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) -> dict:
-    served = state.load_current(site)
-    traffic = state.read_traffic(cfg.max_samples, site)
-    n_read = len(traffic)
+def prepare_traffic(served: Artifact, traffic: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The stored embeddings a run may learn from, and what was left out: rows that are not
+    finite, repeats of one image, and what looks out of the label set."""
     ok = finite_rows(traffic)
     dropped = int((~ok).sum())
     if dropped:
@@ -370,46 +369,38 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
     traffic = traffic[np.sort(first)]
     # images of no class of the label set teach the prompts nothing true: kept out of the run
     # and of the gate (online/estimate.py: 1 − MCM above the source rows' 95th percentile)
-    sf = served.tensors(SOURCE_FEATURES_FILE)
     prompts_head = served.prompt_head()
-    ood = estimate.ood_scores(prompts_head, l2_normalize(traffic)) > estimate.ood_threshold(
-        prompts_head, sf["features"]
+    threshold = estimate.ood_threshold(
+        prompts_head, served.tensors(SOURCE_FEATURES_FILE)["features"]
     )
-    n_ood = int(ood.sum())
-    traffic = traffic[~ood]
-    log.info("read %d traffic embeddings (%d out of the label set left out)", len(traffic), n_ood)
-    need = max(cfg.min_samples, len(served.classes))
-    if len(traffic) < need:
-        trigger = (base.get("request") or {}).get("trigger")
-        lower = {
-            "request": '"min_samples" in the POST /adapt body',
-            "cli": "--min-samples",
-        }.get(trigger, "MP2A_ADAPT_MIN_SAMPLES")
-        raise ValueError(
-            f"{len(traffic)} usable stored traffic samples ({dropped} dropped as NaN/inf), need "
-            f"at least {need} (min_samples, and one per class); serve more traffic (or lower "
-            f"{lower}) and retry"
-        )
+    ood = estimate.ood_scores(prompts_head, l2_normalize(traffic)) > threshold
+    log.info("%d traffic embeddings (%d out of the label set left out)", len(traffic), ood.sum())
+    counts = {"n_traffic_dropped": dropped, "n_traffic_duplicates": duplicates}
+    return traffic[~ood], {**counts, "n_traffic_ood": int(ood.sum())}
+
+
+def train_and_gate(
+    served: Artifact,
+    traffic: np.ndarray,
+    cfg: WorkerConfig,
+    base_template: str | None = None,
+    on_stage: Callable[[int, int], None] | None = None,
+    on_gate: Callable[[int], None] | None = None,
+) -> tuple[Candidate, dict, dict]:
+    """A run on arrays: train a candidate on all but the held-out slice of `traffic` (and of
+    the source rows), then the gate on the held-out slices. (candidate, decision, sizes)."""
+    sf = served.tensors(SOURCE_FEATURES_FILE)
     src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
     src_d = sf["domains"].astype(np.int64)
     domains = sorted(int(d) for d in np.unique(src_d))
     src_hold, tr_hold = gate.holdout_mask(len(src_y)), gate.holdout_mask(len(traffic))
     sources = [(src_x[~src_hold & (src_d == d)], src_y[~src_hold & (src_d == d)]) for d in domains]
     target = traffic[~tr_hold]
-    try:
-        base_template = _prompt_state(load_artifact(state.run))[1]
-    except (ArtifactError, OSError, ValueError):
-        base_template = None
-
-    def on_stage(stage: int, stages: int) -> None:  # GET /adapt/status shows where it is
-        progress = {"phase": "training", "stage": stage, "stages": stages}
-        state.write_status({"state": "running", **base, "progress": progress}, site)
-
     cand = train_candidate(
         served, sources, target, cfg, base_template=base_template, on_stage=on_stage
     )
-    progress = {"phase": "gate", "stage": len(cand.per_stage), "stages": len(cand.per_stage)}
-    state.write_status({"state": "running", **base, "progress": progress}, site)
+    if on_gate is not None:
+        on_gate(len(cand.per_stage))
     decision = gate.evaluate(
         served.head,
         cand.head,
@@ -421,15 +412,48 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
         candidate_prompts=cand.prompt_head,
         source_domains=src_d[src_hold],
     )
+    sizes = {"n_traffic_train": len(target), "n_source_train": int((~src_hold).sum())}
+    return cand, decision, sizes
+
+
+def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) -> dict:
+    served = state.load_current(site)
+    traffic = state.read_traffic(cfg.max_samples, site)
+    n_read = len(traffic)
+    traffic, counts = prepare_traffic(served, traffic)
+    need = max(cfg.min_samples, len(served.classes))
+    if len(traffic) < need:
+        trigger = (base.get("request") or {}).get("trigger")
+        lower = {
+            "request": '"min_samples" in the POST /adapt body',
+            "cli": "--min-samples",
+        }.get(trigger, "MP2A_ADAPT_MIN_SAMPLES")
+        raise ValueError(
+            f"{len(traffic)} usable stored traffic samples ({counts['n_traffic_dropped']} "
+            f"dropped as NaN/inf, {counts['n_traffic_ood']} out of the label set), need at "
+            f"least {need} (min_samples, and one per class); serve more traffic (or lower "
+            f"{lower}) and retry"
+        )
+    try:
+        base_template = _prompt_state(load_artifact(state.run))[1]
+    except (ArtifactError, OSError, ValueError):
+        base_template = None
+
+    def on_stage(stage: int, stages: int) -> None:  # GET /adapt/status shows where it is
+        progress = {"phase": "training", "stage": stage, "stages": stages}
+        state.write_status({"state": "running", **base, "progress": progress}, site)
+
+    def on_gate(stages: int) -> None:
+        progress = {"phase": "gate", "stage": stages, "stages": stages}
+        state.write_status({"state": "running", **base, "progress": progress}, site)
+
+    cand, decision, split = train_and_gate(served, traffic, cfg, base_template, on_stage, on_gate)
     figures = {
         "serving_version": served.version,
         "n_traffic": n_read,
         "n_traffic_used": len(traffic),
-        "n_traffic_dropped": dropped,
-        "n_traffic_duplicates": duplicates,
-        "n_traffic_ood": n_ood,
-        "n_traffic_train": len(target),
-        "n_source_train": int((~src_hold).sum()),
+        **counts,
+        **split,
         **cand.figures,
         "per_stage": cand.per_stage,
         "pseudo_label_selected_ratio": cand.per_stage[-1]["ratio"] if cand.per_stage else None,
@@ -480,6 +504,54 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
     return status
 
 
+@dataclass
+class Drift:
+    """The drift trigger of `loop`: per site, the traffic since its last run tested by
+    online/monitor.py `drift`; the figures of the last check are in `last`."""
+
+    monitor: monitor.MonitorConfig = field(default_factory=monitor.MonitorConfig)
+    check_every: int = 50  # new samples between checks
+    cooldown_s: float = 120.0  # after a run, or a drift run, of the site
+    checked_id: dict[str, int] = field(default_factory=dict)
+    last_trigger: dict[str, float] = field(default_factory=dict)
+    last: dict[str, dict] = field(default_factory=dict)
+    _cal: dict[str, monitor.Calibrated] = field(default_factory=dict)
+
+    def check(self, state: State, site: str, since_id: int) -> bool:
+        newest = state.traffic_max_id(site)
+        if newest - self.checked_id.get(site, 0) < self.check_every:
+            return False
+        if time.monotonic() - self.last_trigger.get(site, -1e18) < self.cooldown_s:
+            return False
+        self.checked_id[site] = newest
+        n = min(newest - since_id, self.monitor.window)  # what arrived since the last run
+        if n < 2 * self.monitor.drift_window:
+            return False
+        art = state.load_current(site)
+        cal = self._cal.get(site)
+        if cal is None or cal.version != art.version:
+            cal = self._cal[site] = monitor.calibrate(art)
+        fig = monitor.drift(cal, state.read_traffic(n, site), self.monitor)
+        self.last[site] = fig
+        if fig["drifted"]:
+            self.last_trigger[site] = time.monotonic()
+            log.info("site %r drifted: %s", site, fig["reason"])
+        return bool(fig["drifted"])
+
+
+def drift_from_env(env: Mapping[str, str]) -> Drift | None:
+    """The drift trigger as the environment sets it: MP2A_DRIFT=0 turns it off;
+    MP2A_DRIFT_SCORE / _WINDOW / _COOLDOWN_S (online/monitor.py); ValueError on a bad value."""
+    if env.get("MP2A_DRIFT", "1") == "0":
+        return None
+    raw = env.get("MP2A_DRIFT_COOLDOWN_S", "")
+    try:
+        cooldown = float(raw) if raw else Drift.cooldown_s
+    except ValueError:
+        raise ValueError(f"MP2A_DRIFT_COOLDOWN_S={raw!r} is not a number") from None
+    return Drift(monitor=monitor.MonitorConfig.from_env(env), cooldown_s=cooldown)
+
+
 def _sites(state: State) -> list[str]:
     """The server's own line, and a hub's sites (MP2A_EDGE_TOKENS and those with a line)."""
     from online.hub import EdgeTokens
@@ -498,12 +570,16 @@ def loop(
     min_new: int | None = None,
     poll: float = 1.0,
     max_iterations: int | None = None,
+    drift: Drift | None = None,
 ) -> list[dict]:
     """Wait for work and run it: a POST /adapt request (any site), or on a schedule, per
     site (the server's own line and a hub's edge sites): every `interval` s, or once `min_new`
     samples of that site arrived since its last run, and only when the site's store holds
     cfg.min_samples (a site with too little traffic keeps the base head). Only the one worker
     that holds the state's lead runs anything; the others wait and take over when it dies.
+    A run also starts when a site's traffic drifts (`drift`, online/monitor.py): checked
+    every `check_every` new samples, at most once per `cooldown_s`, on the samples that
+    arrived since the site's last run only, so one change starts one run.
     Returns the statuses of the runs made (for tests; forever unless max_iterations)."""
     cfg = cfg or WorkerConfig()
     leading = False
@@ -556,6 +632,9 @@ def loop(
                     fresh = min_new is not None and newest - last_id[candidate] >= min_new
                     if (due or fresh) and state.traffic_count(candidate) >= cfg.min_samples:
                         reason, site = ("schedule" if due else "new samples"), candidate
+                        break
+                    if drift is not None and drift.check(state, candidate, last_id[candidate]):
+                        reason, site = "drift", candidate
                         break
         except StateError as e:  # the database went away: keep trying, never crash
             log.warning("state unavailable (%s); retrying", e)
@@ -669,7 +748,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: status.get(k) for k in ("state", "reasons", "seconds")}))
             return 0 if status["state"] != "failed" else 1
         with contextlib.suppress(KeyboardInterrupt):
-            loop(state, cfg, interval=a.interval, min_new=a.min_new, poll=a.poll)
+            loop(
+                state,
+                cfg,
+                interval=a.interval,
+                min_new=a.min_new,
+                poll=a.poll,
+                drift=drift_from_env(os.environ),
+            )
         return 0
     finally:
         state.close()

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from mp2a.artifact import Artifact
+from mp2a.head import Head
 from mp2a.metrics import ServingMetrics
 from mp2a.preprocess import preprocess_image
+from online.estimate import ood_scores
 from online.store import TrafficStore
 from serving.backends import Backend
 from serving.batching import MicroBatcher
@@ -47,14 +49,17 @@ class Upload:
     name: str = "image"  # how error messages refer to it, e.g. "images[3]"
 
 
-def answer(p: np.ndarray, classes: Sequence[str], top_k: int, version: str) -> dict:
+def answer(
+    p: np.ndarray, classes: Sequence[str], top_k: int, version: str, ood: float | None = None
+) -> dict:
     """One image's JSON answer from its (C,) probabilities."""
     order = np.argsort(-p, kind="stable")[:top_k]
     # the class index too: it tells classes apart whatever their labels, and is the
     # position in GET /model's `classes`
     top = [{"label": classes[i], "score": float(p[i]), "index": int(i)} for i in order]
     return {"label": top[0]["label"], "score": top[0]["score"], "index": top[0]["index"],
-            "top_k": top, "model_version": version}  # fmt: skip
+            "top_k": top, "model_version": version,
+            **({} if ood is None else {"ood_score": round(float(ood), 6)})}  # fmt: skip
 
 
 class Predictor:
@@ -82,6 +87,7 @@ class Predictor:
         self.metrics = metrics
         self.store = store  # owned by the caller, which closes it
         self.art = art  # the served version; replaced whole by `swap`
+        self._prompts: tuple[Artifact, Head] | None = None
         if metrics is not None:
             metrics.set_model_version(self.version, art.backbone.model)
         self.batcher = MicroBatcher(backend.encode, max_batch, max_wait_s, self._on_batch)
@@ -143,7 +149,10 @@ class Predictor:
         emb, t.model = self.batcher.submit(pixels)  # (B, D)
         t3 = time.perf_counter()
         probs = art.head.probs(emb)  # (B, C)
-        out = [self._response(p, version) for p in probs]
+        ood = ood_scores(self._prompt_rows(art), emb)  # (B,)
+        out = [
+            answer(p, self.classes, self.top_k, version, o) for p, o in zip(probs, ood, strict=True)
+        ]
         t.encode, t.head = t3 - t2, time.perf_counter() - t3
         self._observe(t, out)
         if self.store is not None:
@@ -161,8 +170,13 @@ class Predictor:
         for up, e, p, i in zip(uploads, emb, probs, labels, strict=True):
             store.offer(e, int(i), float(p[i]), version, up.data if keep_images else None)
 
-    def _response(self, p: np.ndarray, version: str) -> dict:
-        return answer(p, self.classes, self.top_k, version)
+    def _prompt_rows(self, art: Artifact) -> Head:
+        """The prompt rows of `art`'s head (what `ood_score` is measured against), kept per
+        version so a request does not rebuild them."""
+        cached = self._prompts
+        if cached is None or cached[0] is not art:
+            cached = self._prompts = (art, art.prompt_head())
+        return cached[1]
 
     def _observe(self, t: Timing, out: list[dict]) -> None:
         m = self.metrics

@@ -111,6 +111,23 @@ class AdaptHistory(BaseModel):
     decisions: list[dict[str, Any]]
 
 
+class MonitorFigures(BaseModel):
+    site: str = Field(description="the site ('' = the server's own traffic)")
+    version: str = Field(description="the version the figures are about (the served one)")
+    n: int = Field(description="usable samples in the window")
+    estimated_accuracy: float | None = Field(
+        description="no labels: estimated; null until enough samples"
+    )
+    interval: list[float | None] = Field(description="[low, high]: the estimate's 90 % interval")
+    shift_score: float | None = Field(
+        description="sources vs traffic, MMD null standard deviations"
+    )
+    ood_fraction: float | None = Field(description="share of the window out of the label set")
+    method: str
+    reason: str | None = Field(description="why a figure is null")
+    computed_at: str
+
+
 def _err(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """An error answer; its message without internals (serving/public.py), a 5xx's full
     message in the log."""
@@ -235,6 +252,20 @@ def model_info(request: Request):
     if svc is None:
         return _not_loaded()
     return JSONResponse(_shown(request, svc.model_info()))
+
+
+@app.get("/monitor", response_model=MonitorFigures, responses=_errors(404, 503))
+def monitor(site: str = Query("", description="a hub: the edge site")):
+    """How well the served head does now, without labels: its estimated accuracy with a 90 %
+    interval, the traffic's shift from the sources and its share out of the label set, over
+    the site's newest stored traffic (serving/README.md, "Label-free estimates")."""
+    svc = _svc()
+    if svc is None:
+        return _not_loaded()
+    site = _site(svc, site)
+    if isinstance(site, JSONResponse):
+        return site
+    return JSONResponse(svc.monitor.figures(site))
 
 
 @app.post(

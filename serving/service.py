@@ -57,9 +57,11 @@ from mp2a.metrics import (
     ensure_multiprocess_dir,
     get_hub_metrics,
     get_metrics,
+    get_monitor_metrics,
     unseen_by_bentoml,
 )
 from online.hub import EdgeTokens
+from online.monitor import Monitor, MonitorConfig
 from online.state import DEFAULT_SITE, StateError, open_state
 from online.swap import VersionWatcher
 from serving import routes
@@ -169,6 +171,14 @@ class Mp2aService:
         )
         self.predictor.warmup()
         self.watcher = VersionWatcher(self.state, self.predictor, metrics=metrics).start()
+        self.monitor = Monitor(
+            read=self.state.read_traffic,
+            # the server's own line is what the predictor serves; a hub's sites from the state
+            current=lambda site: self.predictor.art if not site else self.state.load_current(site),
+            sites=lambda: [] if self.edge_tokens is None else list(self.edge_tokens.sites),
+            cfg=MonitorConfig.from_env(),
+            gauges=get_monitor_metrics(),
+        ).start()
         # Everything loaded so far (BentoML, pydantic, ONNX Runtime, numpy: over 10^5 objects)
         # lives as long as the process. Freezing it keeps the cyclic garbage collector's full
         # passes from walking it: unfrozen, a full pass held the GIL for ~150 ms on 2 cores and
@@ -218,6 +228,7 @@ class Mp2aService:
 
     @bentoml.on_shutdown
     def _close(self) -> None:
+        self.monitor.close()
         self.watcher.close()
         self.predictor.close()
         if self.store is not None:

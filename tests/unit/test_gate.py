@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mp2a.head import Head, l2_normalize
-from online import gate
+from online import estimate, gate
 
 C, D = 5, 16
 
@@ -53,26 +53,41 @@ def test_holdout_mask_is_every_fifth_row():
     assert m.tolist() == [i % 5 == 0 for i in range(12)]
 
 
-def test_a_better_candidate_is_accepted_with_every_estimate_up(world):
+def test_a_better_candidate_is_accepted_on_its_estimated_paired_gain(world):
     serving, better = world["serving"], world["true"]
     true_s = (serving.probs(world["traffic"]).argmax(1) == world["traffic_y"]).mean()
     true_c = (better.probs(world["traffic"]).argmax(1) == world["traffic_y"]).mean()
     assert true_c > true_s + 0.05  # the premise: it really is better
     r = evaluate(world, serving, better)
     assert r["accepted"] and r["reasons"] == [], r["reasons"]
-    assert r["atc_candidate"] > r["atc_serving"]
-    assert r["refined_agreement_candidate"] > r["refined_agreement_serving"]
-    assert r["estimated_gain"] == pytest.approx(r["estimate_candidate"] - r["estimate_serving"])
-    assert r["estimated_gain"] >= gate.GateConfig().min_gain
+    low, high = r["estimated_gain_interval"]
+    assert 0 < low <= r["estimated_gain"] <= high
+    # the paired estimate is within a few points of the true gain
+    assert abs(r["estimated_gain"] - (true_c - true_s)) < 0.05
+    assert r["estimate_candidate"] > r["estimate_serving"]
     assert r["class_structure"] > gate.GateConfig().min_structure
-    # ATC follows the true accuracy of the better head closely on this clean problem
-    assert abs(r["atc_candidate"] - true_c) < 0.1
 
 
 def test_the_serving_head_against_itself_is_no_gain(world):
     r = evaluate(world, world["true"], world["true"])
     assert not r["accepted"] and r["estimated_gain"] == 0.0 and r["agreement"] == 1.0
-    assert len(r["reasons"]) == 1 and "not at least 0.010 above" in r["reasons"][0]
+    assert len(r["reasons"]) == 1 and "not clearly above zero" in r["reasons"][0]
+
+
+def test_a_candidate_that_loses_source_accuracy_but_gains_on_traffic_is_accepted(world):
+    """A head that specialises to its site may lose source accuracy: that is not harm. Here
+    the sources' class 1 looks the way the serving head expects it (not like the traffic's),
+    the candidate is right on the traffic: its whole head loses over 10 source points (the
+    old whole-head margin), its prompt rows are intact, and it is accepted."""
+    serving, better = world["serving"], world["true"]
+    x, y = world["src"]
+    rng = np.random.default_rng(9)
+    x = x.copy()
+    ones = y == 1
+    x[ones] = l2_normalize(serving.weight[0, 1] + 0.25 * rng.normal(size=(ones.sum(), D)))
+    r = gate.evaluate(serving, better, x, y, world["traffic"], candidate_prompts=serving)
+    assert r["source_accuracy_candidate"] < r["source_accuracy_serving"] - 0.1
+    assert r["accepted"], r["reasons"]
 
 
 def test_a_head_with_shuffled_class_rows_is_rejected(world):
@@ -82,7 +97,7 @@ def test_a_head_with_shuffled_class_rows_is_rejected(world):
     assert not r["accepted"]
     assert r["source_accuracy_candidate"] < 0.1 and r["agreement"] < 0.1
     text = " ".join(r["reasons"])
-    for what in ("held-out source accuracy", "prompt rows", "agreement", "ATC estimate fell"):
+    for what in ("prompt rows", "estimated accuracy gain"):
         assert what in text
 
 
@@ -104,11 +119,11 @@ def test_a_head_predicting_one_class_is_rejected(world):
     assert any("class 0 takes" in s for s in r["reasons"])
 
 
-def test_a_flat_head_fails_on_entropy(world):
+def test_a_flat_head_is_no_gain(world):
     flat = Head(weight=world["true"].weight, logit_scale=1.0)  # near-uniform probabilities
     r = evaluate(world, world["true"], flat)
     assert not r["accepted"] and r["entropy_candidate"] > 0.9
-    assert any("entropy" in s for s in r["reasons"])
+    assert r["estimated_gain"] < 0
 
 
 def test_a_stream_flooded_by_one_class_is_refused_whatever_the_candidate(world):
@@ -138,5 +153,4 @@ def test_a_head_of_another_shape_or_too_little_traffic_is_rejected(world):
 def test_atc_matches_the_source_accuracy_on_the_source_itself(world):
     x, y = world["src"]
     p = world["serving"].probs(x)
-    est, _ = gate.atc_estimate(p, y, p)
-    assert est == pytest.approx((p.argmax(1) == y).mean(), abs=0.01)
+    assert estimate.atc(p, y, p) == pytest.approx((p.argmax(1) == y).mean(), abs=0.01)

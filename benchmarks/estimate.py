@@ -1,0 +1,471 @@
+"""`mp2a bench estimate --json`: every label-free decision measured against the labels.
+
+The benchmark streams have labels; the loop never sees them. Here they score:
+1. the estimators of a head's accuracy (online/estimate.py: every method) on the serving
+   head: streams (the DigitsDA domains, the shift styles lcd and dotmatrix, a mixed stream of
+   lcd with a share of letters) × traffic sizes × bases (a zero-shot artifact and an mp2a-t
+   artifact made for the stream's domain on another draw): estimate − truth, and whether the
+   default method's interval covers the truth;
+2. the gate (online/gate.py) on the candidate the worker's own `train_and_gate` trains on that
+   traffic, harmful streams (letters, noise) included: its decision against the true gain on
+   the stream's images it never trained on (the held-out slice and the rest of the draw);
+3. a drift run: printed traffic, then lcd, into a real traffic store beside a zero-shot
+   artifact for printed; the worker's own loop with only the drift trigger on, checked every
+   `drift_chunk` samples: the samples after the change until flagged, the triggers over the
+   stationary part, the monitor's estimate against the truth over time (docs/drift.png), the
+   seconds from the trigger to the adapted head.
+
+Artifacts are made by `mp2a adapt` (zeroshot, mp2a-t), streams embedded by the artifact's own
+frozen encoder. The figures are one JSON object; `targets` says which targets were met.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from mp2a.errors import Mp2aError
+from online.supervisor import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+DIGITS = ("printed", "handwritten", "textured", "street")
+SHIFT = ("lcd", "dotmatrix")
+HARMFUL = ("letters", "noise")
+MIXED = "mixed"  # lcd with `mixed_share` letters
+
+
+@dataclass(frozen=True)
+class EstimatePlan:
+    streams: tuple[str, ...] = (*DIGITS, *SHIFT, MIXED, *HARMFUL)
+    sizes: tuple[int, ...] = (300, 1000, 5000)
+    bases: tuple[str, ...] = ("zeroshot", "mp2a-t")
+    per_class: int = 100  # the artifacts' data (seed 0)
+    stream_per_class: int = 500  # the streams (seed 1): 5,000 images per domain
+    mixed_share: float = 0.25
+    adapt_stages: int = 3  # the mp2a-t bases' schedule
+    adapt_steps: int = 60
+    drift_before: int = 1000  # printed samples before the change
+    drift_after: int = 1000  # lcd samples after it
+    drift_chunk: int = 50  # samples between checks
+
+    @classmethod
+    def quick(cls) -> EstimatePlan:
+        return cls(
+            streams=("printed", "lcd", MIXED, "noise"),
+            sizes=(150,),
+            bases=("zeroshot",),
+            per_class=8,
+            stream_per_class=20,
+            adapt_steps=5,
+            drift_before=300,
+            drift_after=300,
+        )
+
+
+def _mp2a(*args: str) -> None:
+    cmd = [sys.executable, "-m", "mp2a", *args]
+    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Mp2aError(f"{' '.join(cmd[3:])} failed ({r.returncode}): {r.stderr[-2000:]}")
+
+
+def _base_domain(stream: str) -> str:
+    """The domain the stream's artifact is made for (harmful streams reuse lcd's)."""
+    return stream if stream in DIGITS + SHIFT else "lcd"
+
+
+def _sources(target: str) -> list[str]:
+    return [d for d in DIGITS if d != target]
+
+
+def _prepare(plan: EstimatePlan, work: Path) -> dict:
+    """Data, artifacts, stream embeddings: {stream: (x, y)}; y = -1 out of the label set."""
+    domains = ",".join(DIGITS + SHIFT)
+    data, stream_data = work / "digits", work / "stream"
+    _mp2a(
+        "data",
+        "digits",
+        "--out",
+        str(data),
+        "--per-class",
+        str(plan.per_class),
+        "--domains",
+        domains,
+    )
+    _mp2a(
+        "data",
+        "digits",
+        "--out",
+        str(stream_data),
+        "--seed",
+        "1",
+        "--per-class",
+        str(plan.stream_per_class),
+        "--domains",
+        domains,
+    )
+    targets = sorted({_base_domain(s) for s in plan.streams})
+    for base in plan.bases:
+        for t in targets:
+            args = [
+                "adapt",
+                "--data",
+                str(data),
+                "--target",
+                t,
+                "--sources",
+                ",".join(_sources(t)),
+                "--method",
+                base,
+                "--out",
+                str(work / f"{base}-{t}"),
+                "--quiet",
+                "--no-cache",
+            ]
+            if base != "zeroshot":
+                args += [
+                    "--stages",
+                    str(plan.adapt_stages),
+                    "--steps-per-stage",
+                    str(plan.adapt_steps),
+                ]
+            _mp2a(*args)
+    return _embed(plan, stream_data, work / f"{plan.bases[0]}-{targets[0]}")
+
+
+def _embed(plan: EstimatePlan, stream_data: Path, any_run: Path) -> dict:
+    import torch
+    from PIL import Image
+
+    from adapt.data import open_dataset, read_domain
+    from adapt.features import encode_files
+    from adapt.models import load_model
+    from adapt.shift import harmful_stream
+    from mp2a.artifact import load_artifact
+    from mp2a.preprocess import preprocess_image
+
+    art = load_artifact(any_run)
+    lm = load_model(art.backbone.model)  # every base shares the frozen encoder
+    ds = open_dataset(stream_data)
+    n = plan.stream_per_class * len(ds.classes)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    need = {s for s in plan.streams if s in DIGITS + SHIFT} | {"printed", "lcd"}
+    for d in sorted(need):
+        dd = read_domain(ds, d)
+        x, _ = encode_files(lm, dd.files, progress=False)
+        order = np.random.default_rng(1).permutation(len(x))  # a stream in no class order
+        out[d] = (x[order], dd.labels[order])
+    for kind in HARMFUL:
+        imgs = harmful_stream(kind, n, seed=1)
+        px = np.stack(
+            [
+                preprocess_image(Image.open(io.BytesIO(b)).convert("RGB"), lm.preprocess)
+                for b in imgs
+            ]
+        )
+        with torch.no_grad():
+            x = torch.cat(
+                [
+                    lm.model.encode_image(torch.from_numpy(px[i : i + 512]), normalize=True)
+                    for i in range(0, len(px), 512)
+                ]
+            ).numpy()
+        out[kind] = (x, np.full(len(x), -1))
+    x_l, y_l = out["lcd"]
+    k = round(plan.mixed_share * len(x_l))
+    x_m = np.concatenate([x_l[: len(x_l) - k], out["letters"][0][:k]])
+    y_m = np.concatenate([y_l[: len(x_l) - k], np.full(k, -1)])
+    order = np.random.default_rng(2).permutation(len(x_m))
+    out[MIXED] = (x_m[order], y_m[order])
+    return out
+
+
+def _acc(head, x: np.ndarray, y: np.ndarray) -> float | None:
+    m = y >= 0
+    return float((head.probs(x[m]).argmax(1) == y[m]).mean()) if m.any() else None
+
+
+def _case(run: Path, stream: str, x: np.ndarray, y: np.ndarray, n: int, cfg) -> dict:
+    """One base × stream × size: the estimators on the serving head, the worker's candidate
+    and the gate, each against the truth."""
+    from mp2a.artifact import SOURCE_FEATURES_FILE, load_artifact
+    from online import estimate, gate, worker
+
+    art = load_artifact(run)
+    sf = art.tensors(SOURCE_FEATURES_FILE)
+    src = estimate.source_view(art.head, sf["features"], sf["labels"], sf["domains"])
+    traffic, unseen_x, unseen_y = x[:n], x[n:], y[n:]
+    in_set = y[:n] >= 0
+    true_s = _acc(art.head, traffic, y[:n])
+    row: dict = {"stream": stream, "n": n, "true_serving": true_s}
+    est = {}
+    for method in estimate.all_methods():
+        e = estimate.estimate(
+            art.head, src, traffic[in_set], method, rows=art.manifest.get("head_rows")
+        )
+        est[method] = e.to_dict()
+    row["estimates_serving"] = est
+    t0 = time.time()
+    kept, counts = worker.prepare_traffic(art, traffic)
+    cand, decision, _ = worker.train_and_gate(art, kept, cfg, art.metrics().get("template"))
+    row["candidate_seconds"] = round(time.time() - t0, 2)
+    # the truth of the gain: the stream's images the candidate never trained on
+    hold = gate.holdout_mask(len(kept))
+    keep_idx = _kept_index(traffic, kept)
+    eval_x = np.concatenate([kept[hold], unseen_x])
+    eval_y = np.concatenate([y[:n][keep_idx][hold], unseen_y])
+    true_c = _acc(cand.head, eval_x, eval_y)
+    true_s_eval = _acc(art.head, eval_x, eval_y)
+    row.update(
+        counts,
+        true_serving_eval=true_s_eval,
+        true_candidate_eval=true_c,
+        true_gain=None if true_c is None else round(true_c - true_s_eval, 4),
+        accepted=decision["accepted"],
+        reasons=decision["reasons"],
+        estimated_gain=decision.get("estimated_gain"),
+        estimated_gain_interval=decision.get("estimated_gain_interval"),
+        estimate_candidate=decision.get("estimate_candidate"),
+        ood_in_set_kept=round(float(in_set[keep_idx].mean()), 4) if len(keep_idx) else None,
+    )
+    return row
+
+
+def _kept_index(traffic: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Where each kept row stands in `traffic` (prepare_traffic keeps the order)."""
+    lookup = {r.tobytes(): i for i, r in enumerate(traffic)}
+    return np.asarray([lookup[r.tobytes()] for r in kept], np.int64)
+
+
+def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg) -> dict:
+    """printed then lcd into a real store; the worker loop with the drift trigger alone."""
+    from mp2a.artifact import load_artifact
+    from online import monitor, worker
+    from online.state import FileState
+    from online.store import StoreConfig, TrafficStore
+
+    run = Path(shutil.copytree(run, work / "drift-run"))
+    art = load_artifact(run)
+    x = np.concatenate(
+        [streams["printed"][0][: plan.drift_before], streams["lcd"][0][: plan.drift_after]]
+    )
+    y = np.concatenate(
+        [streams["printed"][1][: plan.drift_before], streams["lcd"][1][: plan.drift_after]]
+    )
+    state = FileState(run)
+    store = TrafficStore(StoreConfig(path=run / "traffic.sqlite", dim=x.shape[1]))
+    drift = worker.Drift(cooldown_s=0.0, check_every=plan.drift_chunk)
+    mcfg = monitor.MonitorConfig(window=500, min_samples=50)
+    timeline, flagged_at, triggers_before, served_at = [], None, 0, None
+    since = 0  # the loop's last_id: drift is tested on what arrived since the last run
+    for start in range(0, len(x), plan.drift_chunk):
+        for e, lab in zip(
+            x[start : start + plan.drift_chunk], y[start : start + plan.drift_chunk], strict=True
+        ):
+            store.offer(e, int(lab), 1.0, str(art.version))
+        store.flush(30)
+        seen = start + plan.drift_chunk
+        t0 = time.time()
+        done = []
+        if drift.check(state, "", since):  # what worker.loop does on each poll
+            since = state.traffic_max_id("")
+            done.append(worker.run_once(state, cfg, request={"trigger": "drift"}))
+        cur = load_artifact_current(run)
+        window = slice(max(0, seen - mcfg.window), seen)
+        fig = monitor.compute(monitor.calibrate(cur), x[window], mcfg)
+        true = float((cur.head.probs(x[window]).argmax(1) == y[window]).mean())
+        timeline.append(
+            {
+                "seen": seen,
+                "version": cur.version,
+                "true": round(true, 4),
+                "estimate": fig["estimated_accuracy"],
+                "interval": fig["interval"],
+                "shift_score": fig["shift_score"],
+            }
+        )
+        for st in done:
+            if seen <= plan.drift_before:
+                triggers_before += 1
+            elif flagged_at is None:
+                flagged_at = seen - plan.drift_before
+                served_at = {
+                    "state": st["state"],
+                    "seconds": round(time.time() - t0, 2),
+                    "gate_gain": (st.get("gate") or {}).get("estimated_gain"),
+                }
+    store.close()
+    _plot(timeline, plan.drift_before, REPO_ROOT / "docs" / "drift.png")
+    return {
+        "stationary_checks": plan.drift_before // plan.drift_chunk,
+        "triggers_before_change": triggers_before,
+        "samples_after_change_until_flagged": flagged_at,
+        "run_after_flag": served_at,
+        "timeline": timeline,
+        "last_check": drift.last.get(""),
+    }
+
+
+def load_artifact_current(run: Path):
+    from mp2a import versions
+
+    return versions.load_current(run)
+
+
+def _plot(timeline: list[dict], change: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen = [r["seen"] for r in timeline]
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    ax.plot(seen, [r["true"] for r in timeline], "k-", label="true accuracy (window)")
+    est = [np.nan if r["estimate"] is None else r["estimate"] for r in timeline]
+    low = [np.nan if r["interval"][0] is None else r["interval"][0] for r in timeline]
+    high = [np.nan if r["interval"][1] is None else r["interval"][1] for r in timeline]
+    ax.plot(seen, est, "b-", label="estimated (no labels)")
+    ax.fill_between(seen, low, high, color="b", alpha=0.15, label="90 % interval")
+    ax.axvline(change, color="r", ls="--", label="printed → lcd")
+    for a, b in itertools.pairwise(timeline):
+        if b["version"] != a["version"]:
+            ax.axvline(b["seen"], color="g", ls=":", label=f"version {b['version']} served")
+    ax.set_xlabel("samples served")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("drift: estimated vs true accuracy of the served head", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _summary(cases: list[dict]) -> dict:
+    """Error tables and the gate's confusion against the truth."""
+    from online import estimate
+
+    errors: dict[str, list[float]] = {m: [] for m in estimate.all_methods()}
+    covered = []
+    for c in cases:
+        if c["true_serving"] is None:
+            continue
+        for m, e in c["estimates_serving"].items():
+            if e["value"] is not None:
+                errors[m].append(e["value"] - c["true_serving"])
+        d = c["estimates_serving"][estimate.DEFAULT_METHOD]
+        if d["value"] is not None:
+            covered.append(d["low"] <= c["true_serving"] <= d["high"])
+    table = {
+        m: {
+            "mae": round(float(np.abs(v).mean()), 4),
+            "max": round(float(np.abs(v).max()), 4),
+            "bias": round(float(np.mean(v)), 4),
+            "cases": len(v),
+        }
+        for m, v in errors.items()
+        if v
+    }
+    confusion = {
+        "gain>=2_accepted": 0,
+        "gain>=2_rejected": 0,
+        "loss>=1_accepted": 0,
+        "loss>=1_rejected": 0,
+        "small_accepted": 0,
+        "small_rejected": 0,
+        "harmful_accepted": 0,
+        "harmful_rejected": 0,
+    }
+    for c in cases:
+        verdict = "accepted" if c["accepted"] else "rejected"
+        g = c["true_gain"]
+        kind = (
+            "harmful"
+            if c["stream"] in HARMFUL
+            else "gain>=2"
+            if g >= 0.02
+            else "loss>=1"
+            if g <= -0.01
+            else "small"
+        )
+        confusion[f"{kind}_{verdict}"] += 1
+    return {
+        "estimator_error": table,
+        "default_interval_coverage": round(float(np.mean(covered)), 4) if covered else None,
+        "gate_confusion": confusion,
+    }
+
+
+def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None = None) -> dict:
+    from online import estimate, worker
+
+    plan = plan or (EstimatePlan.quick() if quick else EstimatePlan())
+    t_all = time.time()
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="mp2a-bench-estimate-")) if own else Path(work)
+    try:
+        streams = _prepare(plan, work)
+        cfg = worker.WorkerConfig(min_samples=20)
+        if quick:
+            cfg = replace(cfg, stages=2, steps_per_stage=5)
+        cases = []
+        for base in plan.bases:
+            for stream in plan.streams:
+                x, y = streams[stream]
+                for n in plan.sizes:
+                    if n >= len(x):
+                        continue
+                    row = _case(work / f"{base}-{_base_domain(stream)}", stream, x, y, n, cfg)
+                    row["base"] = base
+                    cases.append(row)
+                    log.info(
+                        "%s %s %d: %s",
+                        base,
+                        stream,
+                        n,
+                        {k: row[k] for k in ("true_gain", "accepted", "estimated_gain")},
+                    )
+        drift = _drift(plan, work / f"{plan.bases[0]}-printed", streams, work, cfg)
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+    summary = _summary(cases)
+    err = summary["estimator_error"].get(estimate.DEFAULT_METHOD, {})
+    conf = summary["gate_confusion"]
+    targets = {
+        "estimate_mae_le_3pts": err.get("mae", 1) <= 0.03,
+        "estimate_max_le_7pts": err.get("max", 1) <= 0.07,
+        "interval_coverage_ge_90pct": (summary["default_interval_coverage"] or 0) >= 0.9,
+        "gate_accepts_every_gain_ge_2pts": conf["gain>=2_rejected"] == 0,
+        "gate_rejects_every_loss_ge_1pt": conf["loss>=1_accepted"] == 0,
+        "gate_rejects_every_harmful_stream": conf["harmful_accepted"] == 0,
+        "drift_flagged_within_500": (drift["samples_after_change_until_flagged"] or 10**9) <= 500,
+        "no_trigger_on_stationary_stream": drift["triggers_before_change"] == 0,
+    }
+    return {
+        "bench": "estimate",
+        "plan": asdict(plan),
+        "default_method": estimate.DEFAULT_METHOD,
+        **summary,
+        "cases": cases,
+        "drift": drift,
+        "targets": targets,
+        "seconds": round(time.time() - t_all, 1),
+    }
+
+
+if __name__ == "__main__":  # python -m benchmarks.estimate [--quick]
+    logging.basicConfig(level=logging.INFO)
+    print(json.dumps(run(quick="--quick" in sys.argv)))

@@ -1,0 +1,124 @@
+"""Label-free monitoring as an operator sees it: a real `mp2a serve` answers every
+prediction with an `ood_score`, GET /monitor (anonymous, in the OpenAPI document) says how
+good the served head is now from the stored traffic, with null figures and a reason until
+there is enough of it, and the mp2a_estimated_accuracy… gauges are in /metrics. The worker's
+drift trigger starts one run when the traffic changes domain, and none while it does not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_serving_server import predict_ok, serve_client
+
+from mp2a.artifact import load_artifact
+
+
+def gauges(text: str) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name.startswith(("mp2a_estimated_accuracy", "mp2a_shift_score", "mp2a_ood")):
+            for s in fam.samples:
+                out.setdefault(s.name, {})[s.labels.get("site", "")] = s.value
+    return out
+
+
+def test_monitor_route_gauges_and_ood_scores_on_a_real_server(street_run, digits_small, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    env = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
+        "MP2A_MONITOR_INTERVAL_S": "1",
+        "MP2A_MONITOR_MIN_SAMPLES": "30",
+    }
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
+    files = sorted(digits_small.glob("street/*/*.png"))
+    with serve_client(cmd, env, tmp_path / "serve.log") as c:
+        empty = c.get("/monitor").json()
+        assert empty["site"] == "" and empty["version"] == "1"
+        assert empty["estimated_accuracy"] is None and empty["interval"] == [None, None]
+        assert empty["reason"], empty  # says why there is no figure yet
+        answers = [predict_ok(c, f) for f in files]
+        for a in answers:
+            assert 0.0 <= a["ood_score"] < 1.0
+        deadline = time.time() + 60
+        while True:
+            fig = c.get("/monitor").json()
+            done = fig["estimated_accuracy"] is not None and fig["n"] == len(files)
+            if done or time.time() > deadline:  # every answer stored, then computed
+                break
+            time.sleep(0.5)
+        assert fig["n"] == len(files), fig
+        low, high = fig["interval"]
+        assert 0.0 <= low <= fig["estimated_accuracy"] <= high <= 1.0
+        assert fig["shift_score"] is not None and 0.0 <= fig["ood_fraction"] <= 1.0
+        assert fig["method"] == "atc-lodo" and fig["reason"] is None
+        g = gauges(c.get("/metrics").text)
+        assert g["mp2a_estimated_accuracy"]["default"] == pytest.approx(
+            fig["estimated_accuracy"], abs=0.2
+        )
+        for name in ("mp2a_estimated_accuracy_low", "mp2a_estimated_accuracy_high",
+                     "mp2a_shift_score", "mp2a_ood_fraction"):  # fmt: skip
+            assert "default" in g[name], name
+        doc = c.get("/docs.json").json()
+        assert "/monitor" in doc["paths"] and "get" in doc["paths"]["/monitor"]
+        r = c.get("/monitor", params={"site": "elsewhere"})
+        assert r.status_code == 404 and "not a hub" in r.json()["error"]
+
+
+def _embeddings(run, folder) -> np.ndarray:
+    from adapt.features import encode_files
+    from adapt.models import load_model
+
+    lm = load_model(load_artifact(run).backbone.model)
+    x, ok = encode_files(lm, sorted(folder.glob("*/*.png")), progress=False)
+    return x[ok]
+
+
+def test_drift_starts_one_run_when_the_domain_changes_and_none_before(
+    street_run, digits_small, tmp_path
+):
+    from online import worker
+    from online.state import FileState
+    from online.store import StoreConfig, TrafficStore
+
+    run = tmp_path / "run"
+    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    same = _embeddings(run, digits_small / "street")  # 40 images
+    other = _embeddings(run, digits_small / "handwritten")
+    state = FileState(run)
+    store = TrafficStore(StoreConfig(path=run / "traffic.sqlite", dim=same.shape[1]))
+    rng = np.random.default_rng(0)
+    cfg = worker.WorkerConfig(min_samples=20, stages=1, steps_per_stage=3)
+    drift = worker.Drift(
+        monitor=worker.monitor.MonitorConfig(drift_window=40), check_every=20, cooldown_s=0.0
+    )
+
+    def offer(x: np.ndarray, n: int) -> None:
+        # the same images again, each with a little noise: a stationary stream of one domain
+        for e in x[rng.integers(0, len(x), n)]:
+            store.offer(e + rng.normal(0, 0.01, e.shape).astype(np.float32), 0, 1.0, "1")
+        store.flush(30)
+
+    since, runs = 0, []
+    for _ in range(10):  # 10 checks of the stationary stream
+        offer(same, 20)
+        if drift.check(state, "", since):
+            runs.append("stationary")
+    assert runs == [], drift.last
+    for _ in range(6):
+        offer(other, 20)
+        if drift.check(state, "", since):
+            since = state.traffic_max_id("")
+            runs.append(worker.run_once(state, cfg, request={"trigger": "drift"})["state"])
+            break
+    store.close()
+    assert len(runs) == 1 and runs[0] in ("accepted", "rejected"), (runs, drift.last)
+    assert drift.last[""]["drifted"] and "differ" in drift.last[""]["reason"]
