@@ -249,6 +249,37 @@ def test_sigkill_mid_publish_leaves_a_verified_current(run, tmp_path, monkeypatc
     assert not [p for p in (run / "versions").iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_a_full_disk_during_a_publish_leaves_the_served_version(run, tmp_path):
+    """A real process publishing with RLIMIT_FSIZE under the size of a head (writes fail with
+    EFBIG, as on a full disk): the publish fails with an OSError, CURRENT still names a
+    verified version, and the next publish (space again) cleans up and succeeds."""
+    import resource
+
+    versions.publish(run, head(1), {})
+    script = tmp_path / "publish_once.py"
+    script.write_text(PUBLISHER.replace("while True:", "for _ in range(1):"))
+    limit = 64  # bytes: smaller than any file of a version
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run(
+        [sys.executable, str(script), str(run)],
+        env=env,
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0 and "File too large" in r.stderr, r.stderr[-2000:]
+    assert "in publish" in r.stderr  # it failed writing the version, not before
+    assert versions.load_current(run).version == 2
+    assert json.loads(versions.current_file(run).read_text())["version"] == 2
+    assert versions.publish(run, head(2), {}) == 3  # space again
+    assert not [p for p in (run / "versions").iterdir() if p.name.startswith(".tmp-")]
+
+
 def test_decisions_are_appended_newest_first_capped_and_damage_tolerant(run, monkeypatch):
     assert versions.decisions(run) == []
     for i in range(5):
