@@ -8,6 +8,11 @@ are queued and go in the next call. When nothing is queued the model thread wait
 `max_wait_s`, and only if some request has announced itself and is still decoding, so a lone
 request never waits for company that is not coming.
 
+A request that finds the model idle, nothing queued and no other request decoding runs the
+model call in its own thread: there is no batch to form, and the two thread hand-offs (to
+the model thread and back) were the largest cost a lone request paid over a bare server
+(py-spy at c=1, serving/README.md). The model still runs one call at a time.
+
 BentoML's own adaptive batching (`@bentoml.api(batchable=True)`) batches HTTP calls of an
 API; reaching it from inside a request means an in-process HTTP round trip with the pixel
 tensor serialised to JSON, which costs more than the model for a 224 px image.
@@ -61,6 +66,7 @@ class MicroBatcher:
         self._carry: _Item | None = None  # an item that did not fit the previous batch
         self._arriving = 0
         self._lock = threading.Lock()
+        self._busy = threading.Lock()  # held while a model call runs, by whichever thread
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
@@ -86,6 +92,12 @@ class MicroBatcher:
         the model call the rows rode in)."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
+        if len(rows) <= self.max_batch and self._busy.acquire(blocking=False):
+            try:  # the model is idle: alone, run it here
+                if self._arriving == 0 and self._carry is None and self._queue.empty():
+                    return self._call(rows)
+            finally:
+                self._busy.release()
         item = _Item(rows)
         self._queue.put(item)
         return item.future.result(timeout=timeout)
@@ -130,19 +142,24 @@ class MicroBatcher:
             rows += len(item.rows)
         return batch, False
 
+    def _call(self, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """One model call on (B, ...) rows; the caller holds `_busy`."""
+        t0 = time.perf_counter()
+        y = self.fn(x)  # (B, ...)
+        seconds = time.perf_counter() - t0
+        if self.on_batch is not None:
+            self.on_batch(len(x), seconds)
+        return y, seconds
+
     def _run(self, batch: list[_Item]) -> None:
         try:
             x = np.concatenate([it.rows for it in batch])  # (B, ...)
-            t0 = time.perf_counter()
-            y = self.fn(x)  # (B, ...)
-            seconds = time.perf_counter() - t0
+            y, seconds = self._call(x)
         except BaseException as e:  # hand the failure to every waiting request
             log.exception("model call failed on a batch of %d", sum(len(i.rows) for i in batch))
             for it in batch:
                 it.future.set_exception(e)
             return
-        if self.on_batch is not None:
-            self.on_batch(len(x), seconds)
         start = 0
         for it in batch:
             n = len(it.rows)
@@ -154,8 +171,9 @@ class MicroBatcher:
             first = self._get(None)
             if first is None or first is _STOP:
                 break
-            batch, stop = self._gather(first)
-            self._run(batch)
+            with self._busy:  # from the first item on: a lone submitter queues behind us
+                batch, stop = self._gather(first)
+                self._run(batch)
             if stop:
                 break
         while (left := self._get(0)) is not None:  # nothing will run these any more

@@ -109,3 +109,26 @@ def test_bad_arguments_are_refused():
         MicroBatcher(lambda x: x, max_batch=0)
     with pytest.raises(ValueError, match="max_wait_s"):
         MicroBatcher(lambda x: x, max_wait_s=-1)
+
+
+def test_a_lone_request_runs_the_model_in_its_own_thread():
+    """Idle model, nothing queued, nobody decoding: no hand-off to the model thread; while a
+    call runs, a second request queues for the model thread as before."""
+    threads: list[str] = []
+
+    def model(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)
+        return x * 2
+
+    b = MicroBatcher(model, max_batch=8, max_wait_s=0.0, name="model-thread")
+    y, _ = b.submit(np.ones((1, 3), np.float32))
+    np.testing.assert_array_equal(y, 2 * np.ones((1, 3)))
+    assert threads == [threading.current_thread().name]
+    with ThreadPoolExecutor(2) as pool:  # the second finds the model busy
+        first = pool.submit(b.submit, np.full((1, 3), 1.0, np.float32))
+        time.sleep(0.01)
+        second = pool.submit(b.submit, np.full((1, 3), 5.0, np.float32))
+        assert first.result()[0][0, 0] == 2 and second.result()[0][0, 0] == 10
+    b.close()
+    assert threads[1] != "model-thread" and threads[2] == "model-thread"
