@@ -1,6 +1,7 @@
 """The fault matrix against a real `MP2A_ONLINE=1 mp2a serve` (BentoML server + adaptation
 worker): random bytes over the traffic store under traffic, then a full disk during traffic
-writes (RLIMIT_FSIZE set on the running processes with prlimit, then lifted). Each time every
+writes (RLIMIT_FSIZE set on the running processes with prlimit, then lifted), a damaged
+versions/CURRENT and a damaged head of the served version. Each time every
 prediction answers 200, the fault shows in /metrics and in one log line, and the loop
 recovers by itself: new traffic is stored and the next adaptation run ends accepted or
 rejected, not failed. (serving/README.md lists the whole matrix and the tests of each case.)"""
@@ -16,11 +17,15 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from test_online_server import AUTH, TOKEN, wait_status  # same folder (pytest's path)
 from test_serving_server import predict_ok, process
 
 from benchmarks.procs import descendants, free_port
+from mp2a import versions
+from mp2a.artifact import HEAD_FILE
+from mp2a.head import Head
 from online.store import peek_int
 
 
@@ -127,4 +132,28 @@ def test_a_damaged_store_and_a_full_disk_under_a_running_online_server(
         assert status["state"] in ("accepted", "rejected"), status
         assert status["n_traffic"] >= len(files)
         assert predict_ok(c, files[0])["model_version"]
+
+        # 4. a damaged CURRENT, then a damaged head of the served version: the watcher reads
+        # the change, the newest verified version is served, CURRENT repaired, each counted
+        served = versions.load_current(run)
+        new = Head(np.roll(served.head.weight, 1, axis=1), served.head.logit_scale)
+        v = versions.publish(run, new, {"by": "test"})
+
+        def serves(version: int) -> bool:
+            return predict_ok(c, files[0])["model_version"] == str(version)
+
+        wait_for("the publish served", lambda: serves(v))
+        cur = versions.current_file(run)
+        cur.write_bytes(b"\x00garbage")
+        wait_for("CURRENT repaired", lambda: versions._read_pointer(run) == v)
+        assert serves(v)
+        wait_for("counted", lambda: metric(c, "mp2a_state_healed_total", what="versions") == 1)
+        head = versions.version_path(run, v) / HEAD_FILE
+        head.write_bytes(head.read_bytes()[:-8] + b"damaged!")
+        cur.write_text(cur.read_text())  # a new mtime: the watcher looks again
+        wait_for("the newest verified version served", lambda: serves(v - 1))
+        assert versions._read_pointer(run) == v - 1
+        wait_for("counted", lambda: metric(c, "mp2a_state_healed_total", what="versions") == 2)
+        text = log.read_text()
+        assert text.count("CURRENT is damaged") == 1 and text.count("which fails to load") == 1
     print(f"\n{k} predictions until a write failed under RLIMIT_FSIZE; all answered 200")
