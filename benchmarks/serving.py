@@ -1,17 +1,25 @@
-"""`mp2a bench serving --json`: requests/s, p50 and p99 over HTTP, ORT against torch.
+"""`mp2a bench serving --json`: requests/s, p50 and p99 over HTTP, side by side.
 
-For each model (the embedded tiny CLIP; ViT-B-16 with random weights unless --quick) an
+For each model (the embedded tiny CLIP; ViT-B-16 with random weights with --models) an
 artifact is built in a temporary folder (random head: the figures are timings) with its
-encoder exported to ONNX (ViT-B-16 also int8), then for each backend (ort, torch; ViT-B-16
-also ort with the int8 encoder) a real `bentoml serve` process is started
-on 127.0.0.1 and a *separate* load-generating process (`python -m benchmarks.serving load ...`,
-one keep-alive connection per client thread) sends the same 256x256 JPEG at concurrency 1, 8
-and 32. Every level is bounded by a request count and a time budget.
+encoder exported to ONNX (ViT-B-16 also int8). For each variant a real server is started on
+127.0.0.1 and a *separate* load-generating process (`python -m benchmarks.serving load ...`,
+one keep-alive connection per client thread) sends each workload at concurrency 1, 8 and 32;
+every level is bounded by a request count and a time budget.
+
+Workloads: `jpeg256` (a 256x256 JPEG), `dslr` and `webcam` (real camera photos from --photos
+DIR, e.g. Office-31's 1000x1000 DSLR and 152-752 px webcam JPEGs; left out without it),
+`jpeg1080p` and `jpeg12mp` (synthesised photo-like JPEGs, q=90, 1920x1080 and 4000x3000) and
+`png_screenshot` (a 1280x800 PNG of flat panels and text).
+
+Variants: `ort` (the service), `ort-full-decode` (the service with MP2A_DECODE_DRAFT=0, every
+JPEG decoded at full size, as before decoding at the model's scale), `bare` (the threaded
+reference, benchmarks/bare.py), `ort-bentoml`, `ort-2-workers`, `torch` (the 256 px JPEG only)
+and with --peers `litserve` and `bentoml-plain` (benchmarks/peers.py, their own venv).
 
 Time outside the model, per request: 1 - (seconds of the encoder call the request rode in,
-from the server's Server-Timing header) / (client-side latency). The rest is HTTP, BentoML,
-decode, preprocess, waiting for the batch and the head. Both processes share this machine's
-cores, so the load generator's own CPU use is part of what is measured.
+from the server's Server-Timing header) / (client-side latency). Both processes share this
+machine's cores, so the load generator's own CPU use is part of what is measured.
 """
 
 from __future__ import annotations
@@ -64,8 +72,12 @@ VARIANTS = {
     "ort-bentoml": ("ort", "fp32"),
     "ort-2-workers": ("ort", "fp32"),
     "ort-int8-bentoml": ("ort", "int8"),
+    "ort-full-decode": ("ort", "fp32"),
+    "ort-int8-full-decode": ("ort", "int8"),
 }
 VARIANT_ENV = {
+    "ort-full-decode": {"MP2A_DECODE_DRAFT": "0"},
+    "ort-int8-full-decode": {"MP2A_DECODE_DRAFT": "0"},
     "ort-bentoml": {"MP2A_DIRECT_PREDICT": "0"},
     "ort-int8-bentoml": {"MP2A_DIRECT_PREDICT": "0"},
     "ort-2-workers": {"MP2A_WORKERS": "2"},
@@ -75,8 +87,10 @@ VARIANT_ENV = {
 @dataclass(frozen=True)
 class ModelPlan:
     pretrained: str | None
-    variants: tuple[str, ...]
+    variants: tuple[str, ...]  # on the 256 px JPEG
     levels: tuple[Level, ...]
+    photo_variants: tuple[str, ...]  # on the other workloads
+    photo_levels: tuple[Level, ...]
 
 
 # ViT-B-16 on 2 CPU cores takes ~0.7 s per image: few requests, generous time budgets
@@ -85,11 +99,15 @@ MODELS = {
         None,
         ("ort", "ort-bentoml", "ort-2-workers", "bare", "torch"),
         (Level(1, 300, 8.0), Level(8, 1200, 10.0), Level(32, 2000, 12.0)),
+        ("ort", "ort-full-decode", "bare"),
+        (Level(1, 150, 5.0), Level(8, 600, 6.0), Level(32, 1000, 6.0)),
     ),
     "ViT-B-16": ModelPlan(
         "random",
         ("ort", "ort-bentoml", "ort-int8", "ort-int8-bentoml", "ort-2-workers", "bare", "torch"),
         (Level(1, 10, 12.0), Level(8, 40, 25.0), Level(32, 80, 30.0)),
+        ("ort-int8", "ort-int8-full-decode", "bare"),
+        (Level(1, 6, 8.0), Level(8, 24, 15.0), Level(32, 48, 20.0)),
     ),
 }
 
@@ -166,6 +184,11 @@ def build_artifact(out: Path, model: str, pretrained: str | None, int8: bool = F
     return out
 
 
+WORKLOADS = ("jpeg256", "dslr", "webcam", "jpeg1080p", "jpeg12mp", "png_screenshot")
+QUICK_WORKLOADS = ("jpeg256", "jpeg1080p")
+PHOTOS_PER_DOMAIN = 100  # camera photos cycled through by the load generator
+
+
 def bench_image(size: int = 256) -> bytes:
     """A deterministic photo-like JPEG (smooth gradients and shapes, not noise)."""
     from PIL import Image, ImageDraw
@@ -181,22 +204,94 @@ def bench_image(size: int = 256) -> bytes:
     return buf.getvalue()
 
 
+def photo_like_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A deterministic photo-like JPEG (q=90): smooth colour fields, discs, sensor-like noise;
+    about the size a camera writes (12 MP: ~2.5 MB)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(height // 16, width // 16, 3), dtype=np.uint8)
+    im = Image.fromarray(base).resize((width // 4, height // 4), Image.Resampling.BICUBIC)
+    im = im.filter(ImageFilter.GaussianBlur(2)).resize((width, height), Image.Resampling.BICUBIC)
+    noise = rng.integers(-8, 9, size=(height, width, 1), dtype=np.int16)  # (H, W, 1)
+    im = Image.fromarray(np.clip(np.asarray(im, np.int16) + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for _ in range(12):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(min(width, height) // 20, min(width, height) // 5))
+        draw.ellipse(
+            (x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3))
+        )
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def screenshot_png(width: int = 1280, height: int = 800) -> bytes:
+    """A deterministic screenshot-like PNG: flat panels, lines of text."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (width, height), (246, 246, 248))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((0, 0, width, 48), fill=(40, 44, 52))
+    draw.rectangle((0, 48, 240, height), fill=(225, 228, 232))
+    for i in range(40):
+        y = 70 + 18 * i
+        draw.text(
+            (260, y), f"line {i}: the quick brown fox jumps over the lazy dog", fill=(20, 20, 20)
+        )
+        draw.text((16, y), f"item {i}", fill=(60, 60, 60))
+    draw.rectangle((900, 120, 1240, 420), fill=(70, 130, 200), outline=(20, 40, 80), width=3)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_workloads(folder: Path, names: tuple[str, ...], photos: Path | None) -> dict[str, Path]:
+    """Each workload as one image file or a folder of files the load generator cycles through;
+    the camera-photo workloads only with `photos` (an ImageFolder holding dslr / webcam)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    makers = {
+        "jpeg256": lambda: bench_image(256),
+        "jpeg1080p": lambda: photo_like_jpeg(1920, 1080),
+        "jpeg12mp": lambda: photo_like_jpeg(4000, 3000),
+        "png_screenshot": screenshot_png,
+    }
+    for name in names:
+        if name in makers:
+            path = folder / f"{name}.img"
+            path.write_bytes(makers[name]())
+            out[name] = path
+        elif photos is not None and (photos / name).is_dir():
+            files = sorted(f for f in (photos / name).rglob("*") if f.is_file())
+            pick = np.unique(np.linspace(0, len(files) - 1, num=min(PHOTOS_PER_DOMAIN, len(files))))
+            d = folder / name
+            d.mkdir(exist_ok=True)
+            for i in pick:
+                (d / f"{int(i):05d}{files[int(i)].suffix}").symlink_to(files[int(i)])
+            out[name] = d
+    return out
+
+
 # ---------------------------------------------------------------- server
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+def wait_ready(
+    url: str, proc: subprocess.Popen, timeout: float = 180.0, path: str = "/readyz"
+) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before /readyz")
+            raise RuntimeError(f"the server exited with code {proc.returncode} before {path}")
         try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"{url}/readyz not ready after {timeout:.0f} s")
+    raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -276,9 +371,16 @@ def _parse_timing(header: str | None) -> dict[str, float]:
 
 
 def generate_load(
-    host: str, port: int, body: bytes, concurrency: int, requests: int, seconds: float
+    host: str,
+    port: int,
+    body: bytes | list[bytes],
+    concurrency: int,
+    requests: int,
+    seconds: float,
 ) -> dict:
-    """Closed-loop load: `concurrency` threads, each one keep-alive connection."""
+    """Closed-loop load: `concurrency` threads, each one keep-alive connection; several
+    bodies are sent in turn (each thread starting at its own offset)."""
+    bodies = [body] if isinstance(body, bytes) else body
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     lock = threading.Lock()
     issued = 0
@@ -286,14 +388,17 @@ def generate_load(
     deadline = time.perf_counter() + seconds
     need = max(requests, concurrency)
 
-    def worker() -> None:
+    def worker(offset: int) -> None:
         nonlocal issued
         conn = http.client.HTTPConnection(host, port, timeout=300)
+        n = offset
         while True:
             with lock:
                 if issued >= need or (time.perf_counter() > deadline and issued >= concurrency):
                     break
                 issued += 1
+            body = bodies[n % len(bodies)]
+            n += 1
             t0 = time.perf_counter()
             try:
                 conn.request("POST", "/predict", body=body, headers=headers)
@@ -308,7 +413,8 @@ def generate_load(
                 results.append((t0, time.perf_counter() - t0, status, timing))
         conn.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    step = max(1, len(bodies) // concurrency)
+    threads = [threading.Thread(target=worker, args=(i * step,)) for i in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -367,56 +473,123 @@ def run_load_process(url: str, image: Path, level: Level) -> dict:
 # ---------------------------------------------------------------- the benchmark
 
 
-def bench_variant(
-    run: Path, variant: str, image: Path, levels: tuple[Level, ...], logs: Path
-) -> list[dict]:
+def _measure(url: str, variant: str, image: Path, levels: tuple[Level, ...]) -> list[dict]:
+    run_load_process(url, image, Level(2, 6, 30.0))  # warm-up: first calls, allocations
     rows = []
-    with running_server(run, variant, logs / f"{run.name}-{variant}.log") as url:
-        run_load_process(url, image, Level(2, 6, 30.0))  # warm-up: first calls, allocations
-        for level in levels:
-            if variant == "bare":  # no batching, no metrics: one image per model call
-                rows.append({**run_load_process(url, image, level), "mean_encoder_batch": 1.0})
-                continue
-            s0, c0 = scrape_batch_stats(url)
-            row = run_load_process(url, image, level)
-            s1, c1 = scrape_batch_stats(url)
-            row["mean_encoder_batch"] = round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
-            rows.append(row)
-            log.info("%s %s c=%d: %.1f req/s", run.name, variant, level.concurrency,
-                     row["requests_per_s"])  # fmt: skip
+    for level in levels:
+        if variant not in VARIANTS or variant == "bare":  # no mp2a metrics to read
+            rows.append(run_load_process(url, image, level))
+            continue
+        s0, c0 = scrape_batch_stats(url)
+        row = run_load_process(url, image, level)
+        s1, c1 = scrape_batch_stats(url)
+        row["mean_encoder_batch"] = round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
+        rows.append(row)
     return rows
 
 
-def run(quick: bool = False) -> dict:
-    """The whole benchmark (a few minutes; --quick: the tiny CLIP only)."""
+def bench_variant(
+    run: Path,
+    variant: str,
+    workloads: dict[str, tuple[Path, tuple[Level, ...]]],
+    logs: Path,
+    peer_model: Path | None = None,
+) -> dict[str, list[dict]]:
+    """One server of `variant` (a peer's when `peer_model` is given), every workload on it."""
+    from benchmarks.peers import running_peer
+
+    log_file = logs / f"{run.name}-{variant}.log"
+    if peer_model is not None:
+        server = running_peer(variant, peer_model, log_file)
+    else:
+        server = running_server(run, variant, log_file)
+    out: dict[str, list[dict]] = {}
+    with server as url:
+        for name, (image, levels) in workloads.items():
+            out[name] = _measure(url, variant, image, levels)
+            for row in out[name]:
+                log.info("%s %s %s c=%d: %.1f req/s", run.name, variant, name,
+                         row["concurrency"], row["requests_per_s"])  # fmt: skip
+    return out
+
+
+def run(
+    quick: bool = False,
+    photos: Path | None = None,
+    peers: bool = False,
+    models: tuple[str, ...] | None = None,
+    workloads: tuple[str, ...] | None = None,
+    only: tuple[str, ...] | None = None,
+) -> dict:
+    """The whole benchmark (--quick: the tiny CLIP, the 256 px and 1080p JPEGs, the service,
+    its full-decode variant and the reference, short levels); `workloads` and `only` (variant
+    names) narrow it for a shorter measurement."""
+    from benchmarks.peers import PEERS, ensure_venv, versions, write_model
     from serving.backends import cpu_count
 
     t0 = time.time()
-    models = ["tiny-digits"] if quick else list(MODELS)
+    models = models or ("tiny-digits",)
+    names = workloads or (QUICK_WORKLOADS if quick else WORKLOADS)
     results: dict[str, dict] = {}
+    peer_versions = versions(ensure_venv()) if peers else None
     with tempfile.TemporaryDirectory(prefix="mp2a-bench-serving-") as tmp:
         tmp_path = Path(tmp)
-        image = tmp_path / "bench.jpg"
-        image.write_bytes(bench_image())
+        images = make_workloads(tmp_path / "workloads", names, photos)
         for model in models:
             plan = MODELS[model]
-            levels = plan.levels
+            levels, photo_levels = plan.levels, plan.photo_levels
             if quick:
                 levels = tuple(Level(v.concurrency, v.requests // 3, v.seconds / 3) for v in levels)
+                photo_levels = tuple(  # c=32 waits for 32 full decodes at least
+                    Level(v.concurrency, v.requests // 3, v.seconds / 3)
+                    for v in photo_levels
+                    if v.concurrency < 32
+                )
             t_build = time.time()
             int8 = "ort-int8" in plan.variants
             run_dir = build_artifact(tmp_path / model, model, plan.pretrained, int8)
-            build_s = time.time() - t_build
-            results[model] = {"artifact_build_seconds": round(build_s, 1)}
-            for variant in plan.variants:
-                results[model][variant] = bench_variant(run_dir, variant, image, levels, tmp_path)
-    summary = _summary(results)
+            results[model] = {"artifact_build_seconds": round(time.time() - t_build, 1)}
+            variants = list(dict.fromkeys([*plan.photo_variants, *plan.variants]))
+            if quick or only:  # `only`: these variants (and peers) of the plan
+                keep = only or ("ort", "ort-full-decode", "bare")
+                variants = [v for v in variants if v in keep]
+            plan_of: dict[str, dict[str, tuple[Path, tuple[Level, ...]]]] = {}
+            for v in variants:
+                plan_of[v] = {
+                    name: (path, levels if name == "jpeg256" else photo_levels)
+                    for name, path in images.items()
+                    if (name == "jpeg256" and v in plan.variants) or v in plan.photo_variants
+                }
+            by_workload: dict[str, dict[str, list[dict]]] = {name: {} for name in images}
+            for v in variants:
+                for name, rows in bench_variant(run_dir, v, plan_of[v], tmp_path).items():
+                    by_workload[name][v] = rows
+            if peers:
+                precision = "int8" if int8 else "fp32"
+                peer_model = write_model(run_dir, tmp_path / f"{model}-peer", precision)
+                all_images = {
+                    name: (path, levels if name == "jpeg256" else photo_levels)
+                    for name, path in images.items()
+                }
+                for peer in PEERS:
+                    measured = bench_variant(run_dir, peer, all_images, tmp_path, peer_model)
+                    for name, rows in measured.items():
+                        by_workload[name][peer] = rows
+            results[model].update(by_workload)
     return {
         "bench": "serving",
         "cpus": cpu_count(),
-        "image": "256x256 JPEG",
+        "workloads": {
+            "jpeg256": "256x256 JPEG",
+            "dslr": "Office-31 dslr photos, 1000x1000 JPEG (--photos)",
+            "webcam": "Office-31 webcam photos, 152-752 px JPEG (--photos)",
+            "jpeg1080p": "1920x1080 photo-like JPEG q=90",
+            "jpeg12mp": "4000x3000 photo-like JPEG q=90",
+            "png_screenshot": "1280x800 screenshot-like PNG",
+        },
+        "peers": peer_versions,
         "results": results,
-        "summary": summary,
+        "summary": _summary(results),
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -425,42 +598,61 @@ def _at(rows: list[dict], c: int) -> dict:
     return next(r for r in rows if r["concurrency"] == c)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
 def _summary(results: dict) -> dict:
-    """Throughput ratios against torch and time outside the model at c=8; the service against
-    the bare reference at every level (requests/s ratio and p99 ratio)."""
+    """Per model and workload, at every level: the service against the threaded reference
+    (throughput and p99), against itself decoding in full (`after_vs_before`), against the
+    best peer; the c=1 p50 overhead over the reference; ORT against torch at c=8."""
     out: dict = {}
-    for model, r in results.items():
-        torch8 = _at(r["torch"], 8)["requests_per_s"]
+    peers = ("litserve", "bentoml-plain")
+    for model, by_workload in results.items():
         row: dict = {}
-        if "bare" in r:
+        for name, r in by_workload.items():
+            if not isinstance(r, dict) or "bare" not in r:
+                continue
+            svc_name = "ort" if "ort" in r else "ort-int8"
+            before = f"{svc_name}-full-decode"
             for level in r["bare"]:
                 c = level["concurrency"]
-                svc = _at(r["ort"], c)
-                row[f"service_vs_bare_throughput_c{c}"] = round(
-                    svc["requests_per_s"] / level["requests_per_s"], 2
+                svc = _at(r[svc_name], c)
+                rps = svc["requests_per_s"]
+                row[f"{name}_service_vs_bare_throughput_c{c}"] = _ratio(
+                    rps, level["requests_per_s"]
                 )
-                row[f"service_vs_bare_p99_c{c}"] = round(svc["p99_ms"] / level["p99_ms"], 2)
+                row[f"{name}_service_vs_bare_p99_c{c}"] = _ratio(svc["p99_ms"], level["p99_ms"])
+                if before in r:
+                    old = _at(r[before], c)["requests_per_s"]
+                    row[f"{name}_after_vs_before_throughput_c{c}"] = _ratio(rps, old)
+                measured = {p: _at(r[p], c)["requests_per_s"] for p in peers if p in r}
+                if measured:
+                    best = max(measured, key=lambda p: measured[p])
+                    row[f"{name}_best_peer_c{c}"] = best
+                    row[f"{name}_service_vs_best_peer_throughput_c{c}"] = _ratio(
+                        rps, measured[best]
+                    )
                 for other in ("ort-bentoml", "ort-2-workers"):
                     if other in r:
-                        rps = _at(r[other], c)["requests_per_s"]
                         key = other.removeprefix("ort-").replace("-", "_")
-                        row[f"{key}_vs_bare_throughput_c{c}"] = round(
-                            rps / level["requests_per_s"], 2
+                        row[f"{name}_{key}_vs_bare_throughput_c{c}"] = _ratio(
+                            _at(r[other], c)["requests_per_s"], level["requests_per_s"]
                         )
-        for variant in ("ort", "ort-int8"):
-            if f"{variant}-bentoml" in r:  # the direct path against BentoML's, side by side
-                for level in r[variant]:
-                    c = level["concurrency"]
-                    old = _at(r[f"{variant}-bentoml"], c)["requests_per_s"]
-                    key = variant.replace("-", "_")
-                    row[f"{key}_direct_vs_bentoml_path_throughput_c{c}"] = round(
-                        level["requests_per_s"] / old, 2
-                    )
-            if variant in r:
-                at8 = _at(r[variant], 8)
-                key = variant.replace("-", "_")
-                row[f"{key}_vs_torch_throughput_c8"] = round(at8["requests_per_s"] / torch8, 2)
-                row[f"{key}_outside_model_fraction_c8"] = at8["outside_model_fraction"]
+                if c == 1 and svc["p50_ms"] is not None and level["p50_ms"] is not None:
+                    row[f"{name}_c1_p50_overhead_ms"] = round(svc["p50_ms"] - level["p50_ms"], 2)
+            if "torch" in r:
+                torch8 = _at(r["torch"], 8)["requests_per_s"]
+                for variant in ("ort", "ort-int8"):
+                    if variant in r:
+                        at8 = _at(r[variant], 8)
+                        key = variant.replace("-", "_")
+                        row[f"{name}_{key}_vs_torch_throughput_c8"] = _ratio(
+                            at8["requests_per_s"], torch8
+                        )
+                        row[f"{name}_{key}_outside_model_fraction_c8"] = at8[
+                            "outside_model_fraction"
+                        ]
         out[model] = row
     return out
 
@@ -474,7 +666,9 @@ def _load_main(argv: list[str]) -> int:
     p.add_argument("--requests", type=int, default=100)
     p.add_argument("--seconds", type=float, default=10.0)
     a = p.parse_args(argv)
-    body = multipart(Path(a.image).read_bytes())
+    image = Path(a.image)  # one file, or a folder of files sent in turn
+    files = sorted(f for f in image.iterdir() if f.is_file()) if image.is_dir() else [image]
+    body = [multipart(f.read_bytes()) for f in files]
     print(json.dumps(generate_load(a.host, a.port, body, a.concurrency, a.requests, a.seconds)))
     return 0
 
