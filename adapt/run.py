@@ -153,9 +153,9 @@ def check_out(out: Path, force: bool) -> None:
         return
     if not force:
         raise DataError(
-            f"{out} holds online state ({', '.join(held)}: collected traffic, published "
-            "versions) that a new artifact there would delete; choose another --out, or pass "
-            "--force to remove it"
+            f"{out} holds online state ({', '.join(held)}: the traffic it collected, the "
+            "versions it published) that a new artifact there would delete; choose another "
+            "--out, or pass --force to remove it"
         )
     log.warning("--force: replacing %s removes %s", out, ", ".join(held))
 
