@@ -244,6 +244,8 @@ class TrafficStore:
         self.metrics = metrics
         self.on_evict: Any = None  # called with the rows a cap removed (an edge counts them)
         self.dropped = 0  # samples lost to a full queue or a failed write
+        self._failing_since: float | None = None  # writes have failed since (monotonic s)
+        self._failed_n = 0
         self._drop_lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._queue: queue.Queue[_Sample] = queue.Queue(maxsize=config.queue_size)
@@ -483,12 +485,28 @@ class TrafficStore:
         except sqlite3.Error as e:  # disk full, locked past the timeout: lose them, go on
             if is_damage(e) and self._heal_and_rewrite(con, batch, e):
                 return True
-            log.warning("traffic store %s: dropped %d samples: %s", self.path, len(batch), e)
             self._count_dropped(len(batch))
+            if self._failing_since is None:  # one line per episode (a full disk), not per batch
+                self._failing_since, self._failed_n = time.monotonic(), 0
+                log.warning(
+                    "traffic store %s: writes fail (%s); samples are dropped until they succeed "
+                    "again (mp2a_traffic_dropped_total)",
+                    self.path,
+                    e,
+                )
+            self._failed_n += len(batch)
             return True  # the connection itself is fine
         finally:
             for _ in batch:
                 self._queue.task_done()
+        if self._failing_since is not None:
+            log.warning(
+                "traffic store %s: writes succeed again; %d samples dropped in %.0f s",
+                self.path,
+                self._failed_n,
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
         return True
 
     def _heal_and_rewrite(
