@@ -44,6 +44,11 @@ NAMES = (
     "mp2a_edge_upload_errors_total",
     "mp2a_edge_head_age_seconds",
     "mp2a_edge_head_rejected_total",
+    "mp2a_estimated_accuracy",
+    "mp2a_estimated_accuracy_low",
+    "mp2a_estimated_accuracy_high",
+    "mp2a_shift_score",
+    "mp2a_ood_fraction",
 )
 # 0.5 ms .. 10 s: the tiny CLIP decodes in under a millisecond, ViT-B-16 on CPU takes seconds
 LATENCY_BUCKETS = (
