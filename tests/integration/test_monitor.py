@@ -122,3 +122,33 @@ def test_drift_starts_one_run_when_the_domain_changes_and_none_before(
     store.close()
     assert len(runs) == 1 and runs[0] in ("accepted", "rejected"), (runs, drift.last)
     assert drift.last[""]["drifted"] and "differ" in drift.last[""]["reason"]
+
+
+def test_bad_windows_give_null_figures_with_a_reason(street_run):
+    from online import monitor
+
+    cal = monitor.calibrate(load_artifact(street_run))
+    cfg = monitor.MonitorConfig(min_samples=20)
+    d = cal.art.head.dim
+    src = cal.source.features
+    cases = {
+        "empty": np.zeros((0, d), np.float32),
+        "fewer than classes": src[:5],
+        "NaN rows": np.full((100, d), np.nan, np.float32),
+    }
+    for name, x in cases.items():
+        fig = monitor.compute(cal, x, cfg)
+        assert fig["estimated_accuracy"] is None and fig["interval"] == [None, None], name
+        assert "usable samples" in fig["reason"], (name, fig)
+    # every sample out of the label set: the share is reported, the estimate is not
+    w = cal.art.prompt_head().weight.mean(axis=0)  # (C, D)
+    away = -w.sum(axis=0)  # pointing away from every class vector
+    far = np.repeat(away[None], 60, axis=0) + np.random.default_rng(0).normal(0, 0.01, (60, d))
+    fig = monitor.compute(cal, far.astype(np.float32), cfg)
+    assert fig["ood_fraction"] == 1.0 and fig["estimated_accuracy"] is None
+    assert "look like the label set" in fig["reason"]
+    # the source rows themselves: a figure, near the source accuracy
+    fig = monitor.compute(cal, src, cfg)
+    acc = float((cal.source.probs.argmax(1) == cal.source.labels).mean())
+    assert fig["reason"] is None and abs(fig["estimated_accuracy"] - acc) < 0.1
+    assert monitor.drift(cal, src[:10], cfg)["drifted"] is False
