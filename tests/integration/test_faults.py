@@ -123,6 +123,8 @@ def test_a_damaged_store_and_a_full_disk_under_a_running_online_server(
         for f in files:
             predict_ok(c, f)
         wait_for("storing resumed", lambda: stored(run) >= before + len(files))
+        text = log.read_text()
+        assert text.count("writes fail (") == 1 and text.count("writes succeed again;") == 1
         assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
         # 3. the loop recovers: an adaptation run on the fresh store ends, not failed
