@@ -63,14 +63,14 @@ class EstimatePlan:
     @classmethod
     def quick(cls) -> EstimatePlan:
         return cls(
-            streams=("printed", "lcd", MIXED, "noise"),
-            sizes=(150,),
+            streams=("lcd", "noise"),
+            sizes=(120,),
             bases=("zeroshot",),
             per_class=8,
             stream_per_class=20,
             adapt_steps=5,
-            drift_before=300,
-            drift_after=300,
+            drift_before=200,
+            drift_after=200,
         )
 
 
@@ -92,7 +92,8 @@ def _sources(target: str) -> list[str]:
 
 def _prepare(plan: EstimatePlan, work: Path) -> dict:
     """Data, artifacts, stream embeddings: {stream: (x, y)}; y = -1 out of the label set."""
-    domains = ",".join(DIGITS + SHIFT)
+    targets = sorted({_base_domain(s) for s in plan.streams} | {"printed"})  # printed: drift
+    embedded = sorted({s for s in plan.streams if s in DIGITS + SHIFT} | {"printed", "lcd"})
     data, stream_data = work / "digits", work / "stream"
     _mp2a(
         "data",
@@ -102,7 +103,7 @@ def _prepare(plan: EstimatePlan, work: Path) -> dict:
         "--per-class",
         str(plan.per_class),
         "--domains",
-        domains,
+        ",".join(sorted(set(DIGITS) | set(targets))),
     )
     _mp2a(
         "data",
@@ -114,9 +115,8 @@ def _prepare(plan: EstimatePlan, work: Path) -> dict:
         "--per-class",
         str(plan.stream_per_class),
         "--domains",
-        domains,
+        ",".join(embedded),
     )
-    targets = sorted({_base_domain(s) for s in plan.streams})
     for base in plan.bases:
         for t in targets:
             args = [
@@ -161,8 +161,7 @@ def _embed(plan: EstimatePlan, stream_data: Path, any_run: Path) -> dict:
     ds = open_dataset(stream_data)
     n = plan.stream_per_class * len(ds.classes)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    need = {s for s in plan.streams if s in DIGITS + SHIFT} | {"printed", "lcd"}
-    for d in sorted(need):
+    for d in ds.domains:
         dd = read_domain(ds, d)
         x, _ = encode_files(lm, dd.files, progress=False)
         order = np.random.default_rng(1).permutation(len(x))  # a stream in no class order
@@ -249,7 +248,7 @@ def _kept_index(traffic: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return np.asarray([lookup[r.tobytes()] for r in kept], np.int64)
 
 
-def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg) -> dict:
+def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: Path) -> dict:
     """printed then lcd into a real store; the worker loop with the drift trigger alone."""
     from mp2a.artifact import load_artifact
     from online import monitor, worker
@@ -307,7 +306,7 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg) -> dic
                     "gate_gain": (st.get("gate") or {}).get("estimated_gain"),
                 }
     store.close()
-    _plot(timeline, plan.drift_before, REPO_ROOT / "docs" / "drift.png")
+    _plot(timeline, plan.drift_before, plot)
     return {
         "stationary_checks": plan.drift_before // plan.drift_chunk,
         "triggers_before_change": triggers_before,
@@ -437,7 +436,8 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
                         n,
                         {k: row[k] for k in ("true_gain", "accepted", "estimated_gain")},
                     )
-        drift = _drift(plan, work / f"{plan.bases[0]}-printed", streams, work, cfg)
+        plot = work / "drift.png" if quick else REPO_ROOT / "docs" / "drift.png"
+        drift = _drift(plan, work / f"{plan.bases[0]}-printed", streams, work, cfg, plot)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)

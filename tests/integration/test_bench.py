@@ -121,3 +121,28 @@ def test_bench_edge_quick_runs_a_hub_and_three_edges(capsys):
     assert o["delivered_after_restart"] + o["dropped_counted"] >= o["served_while_down"]
     assert o["buffered_at_restart"] <= o["buffer_cap"]
     assert set(r["targets"]) >= {"hub_down_p99_le_1_2x", "publish_to_swap_le_5_s"}
+
+
+def test_bench_estimate_quick_measures_every_decision_against_the_labels(capsys):
+    """The quick estimate bench: real artifacts, streams embedded by their encoder, the
+    worker's own candidate and gate; every estimator's error against the labels, the gate's
+    decision against the true gain, a harmful stream refused, and a drift run through a real
+    traffic store that is flagged after the change and never before it."""
+    assert main(["bench", "estimate", "--json", "--quick"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0
+    r = json.loads(out)
+    assert r["bench"] == "estimate" and r["default_method"] == "atc-lodo"
+    by_stream = {c["stream"]: c for c in r["cases"]}
+    lcd, noise = by_stream["lcd"], by_stream["noise"]
+    assert 0.1 < lcd["true_serving"] <= 1.0 and lcd["true_gain"] is not None
+    est = lcd["estimates_serving"]["atc-lodo"]
+    assert est["low"] <= est["value"] <= est["high"]
+    assert r["estimator_error"]["atc-lodo"]["cases"] == 1  # the noise stream has no truth
+    assert noise["true_gain"] is None and not noise["accepted"]
+    assert r["gate_confusion"]["harmful_rejected"] == 1
+    d = r["drift"]
+    assert d["triggers_before_change"] == 0
+    assert d["samples_after_change_until_flagged"] is not None
+    assert d["samples_after_change_until_flagged"] <= 200
+    assert len(d["timeline"]) == 8 and all(0 <= t["true"] <= 1 for t in d["timeline"])

@@ -205,13 +205,14 @@ def test_nan_embeddings_are_dropped_and_too_few_samples_fail_clearly(run, street
     cfg = worker.WorkerConfig(min_samples=1, stages=1, steps_per_stage=2)
     status = worker.run_once(FileState(run, store), cfg)
     assert status["state"] == "failed"
-    assert "4 usable stored traffic samples (6 dropped as NaN/inf)" in status["reasons"][0]
+    assert "4 usable stored traffic samples (6 dropped as NaN/inf, " in status["reasons"][0]
     assert "one per class" in status["reasons"][0] and versions.current(run) == 1
     store = fill_store(run, street_embeddings, damaged=bad)
     status = worker.run_once(FileState(run, store), CFG)
     assert status["state"] in ("accepted", "rejected"), status
     assert status["n_traffic_dropped"] == 6 and status["n_traffic"] == len(street_embeddings) + 6
-    assert status["n_traffic_used"] == len(street_embeddings)
+    # what looks out of the label set is left out too, and counted
+    assert status["n_traffic_used"] == len(street_embeddings) - status["n_traffic_ood"]
 
 
 def test_the_loop_consumes_a_request_in_one_iteration(run, street_embeddings):
