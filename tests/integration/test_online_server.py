@@ -137,8 +137,9 @@ def test_online_server_adapts_on_request_swaps_and_survives_a_killed_worker(
         status = wait_status(c, r.json()["id"], {"accepted", "rejected", "failed"})
         assert status["state"] in ("accepted", "rejected"), status
         assert status["pid"] != running["pid"] and len(status["per_stage"]) == 1
-        history = c.get("/adapt/history").json()["decisions"]
+        history = c.get("/adapt/history", headers=AUTH).json()["decisions"]  # with pids
         assert [d["state"] for d in history][1] == "failed" and len(history) == 3
+        assert all("pid" not in d for d in c.get("/adapt/history").json()["decisions"])
         assert history[0]["request"]["id"] == r.json()["id"] and history[1]["pid"] == running["pid"]
         assert c.get("/adapt/history?limit=0").status_code == 400
     assert "adaptation worker exited (-9); restarting" in log.read_text()
