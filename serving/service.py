@@ -109,6 +109,9 @@ class PredictResponse(BaseModel):
     index: int = Field(description="the top class's position in GET /model's classes")
     top_k: list[TopK]
     model_version: str
+    ood_score: float = Field(
+        description="higher = less like any class of the label set (1 − MCM of the prompt rows)"
+    )
 
 
 class BatchResponse(BaseModel):
