@@ -594,6 +594,11 @@ def loop(
             time.sleep(poll)
         i += 1
         try:
+            if leading and not state.try_lead():
+                # the lock's session ended (a database restart) while the pool reconnected:
+                # the lead is open to anyone again, this worker among them
+                log.warning("lost the lead (%s)", state.describe())
+                leading = False
             if not leading:
                 # a worker that does not lead holds no connection: each try is a short-lived
                 # one, every lead_retry_s (jittered: a fleet's tries spread out)
