@@ -29,9 +29,7 @@ DAMAGE_MARKERS = ("malformed", "not a database", "file is encrypted", "database 
 
 def is_damage(e: BaseException) -> bool:
     """True for an SQLite error that means the file itself is damaged."""
-    return isinstance(e, sqlite3.DatabaseError) and any(
-        m in str(e).lower() for m in DAMAGE_MARKERS
-    )
+    return isinstance(e, sqlite3.DatabaseError) and any(m in str(e).lower() for m in DAMAGE_MARKERS)
 
 
 def count_healed(what: str) -> None:
