@@ -220,7 +220,7 @@ def evaluate(
         )
     if gain.value < cfg.min_gain or gain.low <= 0:
         reasons.append(
-            f"the estimated accuracy gain {gain.value:+.3f} (90 % interval {gain.low:+.3f} to "
+            f"the estimated accuracy gain {gain.value:+.3f} (80 % interval {gain.low:+.3f} to "
             f"{gain.high:+.3f}, {gain.method} on {gain.n} held-out samples) is not clearly "
             f"above zero (needs at least {cfg.min_gain:.3f} and an interval above 0)"
         )
