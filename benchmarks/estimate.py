@@ -90,8 +90,27 @@ def _sources(target: str) -> list[str]:
     return [d for d in DIGITS if d != target]
 
 
+PREPARE_FIELDS = ("streams", "bases", "per_class", "stream_per_class", "mixed_share",
+                  "adapt_stages", "adapt_steps")  # fmt: skip
+
+
 def _prepare(plan: EstimatePlan, work: Path) -> dict:
-    """Data, artifacts, stream embeddings: {stream: (x, y)}; y = -1 out of the label set."""
+    """Data, artifacts, stream embeddings: {stream: (x, y)}; y = -1 out of the label set.
+    A reused work folder (`--work`) prepared for the same plan is reused as it is."""
+    recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(plan).items()
+              if k in PREPARE_FIELDS}  # fmt: skip
+    done, cache = work / "prepared.json", work / "streams.npz"
+    if done.is_file() and json.loads(done.read_text()) == recipe and cache.is_file():
+        z = np.load(cache)
+        return {k[:-2]: (z[k], z[k[:-2] + "_y"]) for k in z.files if k.endswith("_x")}
+    streams = _prepare_anew(plan, work)
+    np.savez(cache, **{f"{k}_{a}": v for k, (x, y) in streams.items()
+                       for a, v in (("x", x), ("y", y))})  # fmt: skip
+    done.write_text(json.dumps(recipe))
+    return streams
+
+
+def _prepare_anew(plan: EstimatePlan, work: Path) -> dict:
     targets = sorted({_base_domain(s) for s in plan.streams} | {"printed"})  # printed: drift
     embedded = sorted({s for s in plan.streams if s in DIGITS + SHIFT} | {"printed", "lcd"})
     data, stream_data = work / "digits", work / "stream"
@@ -217,8 +236,10 @@ def _case(run: Path, stream: str, x: np.ndarray, y: np.ndarray, n: int, cfg) -> 
         est[method] = e.to_dict()
     row["estimates_serving"] = est
     t0 = time.time()
-    kept, counts = worker.prepare_traffic(art, traffic)
-    cand, decision, _ = worker.train_and_gate(art, kept, cfg, art.metrics().get("template"))
+    kept, in_set_kept, counts = worker.prepare_traffic(art, traffic)
+    cand, decision, _ = worker.train_and_gate(
+        art, kept, cfg, art.metrics().get("template"), in_set=in_set_kept
+    )
     row["candidate_seconds"] = round(time.time() - t0, 2)
     # the truth of the gain: the stream's images the candidate never trained on
     hold = gate.holdout_mask(len(kept))
@@ -424,7 +445,7 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
             for stream in plan.streams:
                 x, y = streams[stream]
                 for n in plan.sizes:
-                    if n >= len(x):
+                    if n > len(x):
                         continue
                     row = _case(work / f"{base}-{_base_domain(stream)}", stream, x, y, n, cfg)
                     row["base"] = base

@@ -64,7 +64,7 @@ HARMFUL = ("noise", "letters", "flood")
 FLOOD_SHARE = 0.9
 STATUS_FIELDS = (
     "state", "reasons", "method", "n_traffic", "n_traffic_used", "n_traffic_duplicates",
-    "seconds", "load_seconds", "fit_seconds", "version", "head_fit",
+    "n_traffic_ood", "seconds", "load_seconds", "fit_seconds", "version", "head_fit",
 )  # fmt: skip
 FLOOD_CLASS = 3
 

@@ -5,8 +5,8 @@ source features and of the stored traffic (`holdout_mask`: every 5th row) and tr
 rest; the gate compares the two heads on the held-out slices.
 
 The decision: the **estimated paired gain**, candidate − serving accuracy on the same
-held-out traffic, by COT (confidence optimal transport, Lu et al., NeurIPS 2023) with both
-heads at the serving head's temperature and an 80 % paired bootstrap interval
+held-out traffic, by COT (confidence optimal transport, Lu et al., NeurIPS 2023), each head
+at its own temperature, with an 80 % paired bootstrap interval
 (online/estimate.py `paired_gain`). Accept when the gain is at least `min_gain` and the
 interval's low end is above 0 (90 % sure of a gain). Paired, the bias that makes an absolute
 label-free estimate err by points hits both heads alike: on the candidates of `mp2a bench
@@ -105,12 +105,14 @@ def evaluate(
     serving_prompts: Head | None = None,
     candidate_prompts: Head | None = None,
     source_domains: np.ndarray | None = None,
+    stream: np.ndarray | None = None,
 ) -> dict:
     """Compare `candidate` with `serving` on held-out source rows (with labels) and held-out
     traffic embeddings; returns {"accepted", "reasons", figures…, "config"}.
     `serving_prompts` / `candidate_prompts`: the heads' prompt rows alone (default: the whole
     heads); `source_domains`: the source rows' domains (the absolute estimates' calibration
-    across shifts)."""
+    across shifts); `stream`: every held-out traffic row, those out of the label set included
+    (default `traffic`), for the guards on the stream itself (label set, flood)."""
     cfg = cfg or GateConfig()
     if serving.num_classes != candidate.num_classes or serving.dim != candidate.dim:
         return {
@@ -181,7 +183,11 @@ def evaluate(
         mean_confidence_serving=float(ps.max(1).mean()),
         mean_confidence_candidate=float(pc.max(1).mean()),
     )
-    structure = fisher_ratio(x, ps) / max(fisher_ratio(x_src, src_s), 1e-12)
+    whole = x if stream is None else l2_normalize(np.asarray(stream, np.float32))
+    p_whole = ps if stream is None else serving.probs(whole)
+    structure = fisher_ratio(whole, p_whole) / max(fisher_ratio(x_src, src_s), 1e-12)
+    share_stream, top_stream = _share(p_whole.argmax(1), c)
+    fig.update(n_stream_holdout=len(whole), max_class_share_stream=share_stream)
     fig["class_structure"] = structure
     if structure < cfg.min_structure:
         reasons.append(
@@ -212,11 +218,11 @@ def evaluate(
     )
     stream_limit = 1 / c + cfg.max_stream_excess * (1 - 1 / c)
     fig["stream_share_limit"] = stream_limit
-    if share_s > stream_limit:
+    if share_stream > stream_limit:
         reasons.append(
-            f"the stream is dominated by one class: {share_s:.3f} of the held-out traffic is "
-            f"class {top_s} for the serving head (limit {stream_limit:.3f}); adapting to it "
-            "would teach the head that class; collect a more varied stream"
+            f"the stream is dominated by one class: {share_stream:.3f} of the held-out traffic "
+            f"is class {top_stream} for the serving head (limit {stream_limit:.3f}); adapting to "
+            "it would teach the head that class; collect a more varied stream"
         )
     if gain.value < cfg.min_gain or gain.low <= 0:
         reasons.append(

@@ -354,9 +354,12 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x).all(axis=1)
 
 
-def prepare_traffic(served: Artifact, traffic: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The stored embeddings a run may learn from, and what was left out: rows that are not
-    finite, repeats of one image, and what looks out of the label set."""
+def prepare_traffic(served: Artifact, traffic: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The stored embeddings of a run: rows that are not finite and repeats of one image are
+    dropped; (rows, in_set mask, counts). `in_set` is False where a row looks out of the label
+    set: such rows teach the prompts nothing true and are kept out of training and out of the
+    gain estimate, but the stream-level guards see them (a stream of noise must still look
+    like noise to the gate: with its most class-like rows alone it can pass as a digit stream)."""
     ok = finite_rows(traffic)
     dropped = int((~ok).sum())
     if dropped:
@@ -367,16 +370,15 @@ def prepare_traffic(served: Artifact, traffic: np.ndarray) -> tuple[np.ndarray, 
     _, first = np.unique(traffic, axis=0, return_index=True)
     duplicates = len(traffic) - len(first)
     traffic = traffic[np.sort(first)]
-    # images of no class of the label set teach the prompts nothing true: kept out of the run
-    # and of the gate (online/estimate.py: 1 − MCM above the source rows' 95th percentile)
+    # online/estimate.py: 1 − MCM above the source rows' 95th percentile
     prompts_head = served.prompt_head()
     threshold = estimate.ood_threshold(
         prompts_head, served.tensors(SOURCE_FEATURES_FILE)["features"]
     )
-    ood = estimate.ood_scores(prompts_head, l2_normalize(traffic)) > threshold
-    log.info("%d traffic embeddings (%d out of the label set left out)", len(traffic), ood.sum())
+    in_set = estimate.ood_scores(prompts_head, l2_normalize(traffic)) <= threshold
+    log.info("%d traffic embeddings (%d out of the label set)", len(traffic), (~in_set).sum())
     counts = {"n_traffic_dropped": dropped, "n_traffic_duplicates": duplicates}
-    return traffic[~ood], {**counts, "n_traffic_ood": int(ood.sum())}
+    return traffic, in_set, {**counts, "n_traffic_ood": int((~in_set).sum())}
 
 
 def train_and_gate(
@@ -386,16 +388,20 @@ def train_and_gate(
     base_template: str | None = None,
     on_stage: Callable[[int, int], None] | None = None,
     on_gate: Callable[[int], None] | None = None,
+    in_set: np.ndarray | None = None,
 ) -> tuple[Candidate, dict, dict]:
     """A run on arrays: train a candidate on all but the held-out slice of `traffic` (and of
-    the source rows), then the gate on the held-out slices. (candidate, decision, sizes)."""
+    the source rows), then the gate on the held-out slices. `in_set` (prepare_traffic): rows
+    kept out of training and of the gain estimate, not of the stream's guards.
+    (candidate, decision, sizes)."""
     sf = served.tensors(SOURCE_FEATURES_FILE)
     src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
     src_d = sf["domains"].astype(np.int64)
     domains = sorted(int(d) for d in np.unique(src_d))
     src_hold, tr_hold = gate.holdout_mask(len(src_y)), gate.holdout_mask(len(traffic))
     sources = [(src_x[~src_hold & (src_d == d)], src_y[~src_hold & (src_d == d)]) for d in domains]
-    target = traffic[~tr_hold]
+    in_set = np.ones(len(traffic), bool) if in_set is None else in_set
+    target = traffic[~tr_hold & in_set]
     cand = train_candidate(
         served, sources, target, cfg, base_template=base_template, on_stage=on_stage
     )
@@ -406,11 +412,12 @@ def train_and_gate(
         cand.head,
         src_x[src_hold],
         src_y[src_hold],
-        traffic[tr_hold],
+        traffic[tr_hold & in_set],
         cfg.gate,
         serving_prompts=served.prompt_head(),
         candidate_prompts=cand.prompt_head,
         source_domains=src_d[src_hold],
+        stream=traffic[tr_hold],
     )
     sizes = {"n_traffic_train": len(target), "n_source_train": int((~src_hold).sum())}
     return cand, decision, sizes
@@ -420,16 +427,16 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
     served = state.load_current(site)
     traffic = state.read_traffic(cfg.max_samples, site)
     n_read = len(traffic)
-    traffic, counts = prepare_traffic(served, traffic)
+    traffic, in_set, counts = prepare_traffic(served, traffic)
     need = max(cfg.min_samples, len(served.classes))
-    if len(traffic) < need:
+    if in_set.sum() < need:
         trigger = (base.get("request") or {}).get("trigger")
         lower = {
             "request": '"min_samples" in the POST /adapt body',
             "cli": "--min-samples",
         }.get(trigger, "MP2A_ADAPT_MIN_SAMPLES")
         raise ValueError(
-            f"{len(traffic)} usable stored traffic samples ({counts['n_traffic_dropped']} "
+            f"{in_set.sum()} usable stored traffic samples ({counts['n_traffic_dropped']} "
             f"dropped as NaN/inf, {counts['n_traffic_ood']} out of the label set), need at "
             f"least {need} (min_samples, and one per class); serve more traffic (or lower "
             f"{lower}) and retry"
@@ -447,11 +454,13 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
         progress = {"phase": "gate", "stage": stages, "stages": stages}
         state.write_status({"state": "running", **base, "progress": progress}, site)
 
-    cand, decision, split = train_and_gate(served, traffic, cfg, base_template, on_stage, on_gate)
+    cand, decision, split = train_and_gate(
+        served, traffic, cfg, base_template, on_stage, on_gate, in_set
+    )
     figures = {
         "serving_version": served.version,
         "n_traffic": n_read,
-        "n_traffic_used": len(traffic),
+        "n_traffic_used": int(in_set.sum()),
         **counts,
         **split,
         **cand.figures,

