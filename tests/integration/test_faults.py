@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import sqlite3
 import sys
 import time
@@ -20,7 +19,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from test_online_server import AUTH, TOKEN, wait_status  # same folder (pytest's path)
-from test_serving_server import predict_ok, process
+from test_serving_server import fresh_run, predict_ok, process, server_env
 
 from benchmarks.procs import descendants, free_port
 from mp2a import versions
@@ -51,19 +50,16 @@ def wait_for(what: str, ok, timeout: float = 60.0) -> None:
 def test_a_damaged_store_and_a_full_disk_under_a_running_online_server(
     street_run, digits_small, tmp_path
 ):
-    run = tmp_path / "run"
-    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
-    env = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "True",
-        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
-        "MP2A_ONLINE": "1",
-        "MP2A_ADMIN_TOKEN": TOKEN,
-        "MP2A_ADAPT_MIN_SAMPLES": "20",
-        "MP2A_ADAPT_STAGES": "1",
-        "MP2A_ADAPT_STEPS": "5",
-        "MP2A_STORE_CHECK_S": "1",
-    }
+    run = fresh_run(street_run, tmp_path / "run")
+    env = server_env(
+        tmp_path,
+        MP2A_ONLINE="1",
+        MP2A_ADMIN_TOKEN=TOKEN,
+        MP2A_ADAPT_MIN_SAMPLES="20",
+        MP2A_ADAPT_STAGES="1",
+        MP2A_ADAPT_STEPS="5",
+        MP2A_STORE_CHECK_S="1",
+    )
     files = sorted(digits_small.glob("street/*/*.png"))
     log = tmp_path / "serve.log"
     port = free_port()

@@ -6,15 +6,13 @@ drift trigger starts one run when the traffic changes domain, and none while it 
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serving_server import predict_ok, serve_client
+from test_serving_server import fresh_run, predict_ok, serve_client, server_env
 
 from mp2a.artifact import load_artifact
 
@@ -29,15 +27,8 @@ def gauges(text: str) -> dict[str, dict[str, float]]:
 
 
 def test_monitor_route_gauges_and_ood_scores_on_a_real_server(street_run, digits_small, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
-    env = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "True",
-        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
-        "MP2A_MONITOR_INTERVAL_S": "1",
-        "MP2A_MONITOR_MIN_SAMPLES": "30",
-    }
+    run = fresh_run(street_run, tmp_path / "run")
+    env = server_env(tmp_path, MP2A_MONITOR_INTERVAL_S="1", MP2A_MONITOR_MIN_SAMPLES="30")
     cmd = [sys.executable, "-m", "mp2a", "serve", str(run), "--host", "127.0.0.1"]
     files = sorted(digits_small.glob("street/*/*.png"))
     with serve_client(cmd, env, tmp_path / "serve.log") as c:
@@ -89,8 +80,7 @@ def test_drift_starts_one_run_when_the_domain_changes_and_none_before(
     from online.state import FileState
     from online.store import StoreConfig, TrafficStore
 
-    run = tmp_path / "run"
-    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    run = fresh_run(street_run, tmp_path / "run")
     same = _embeddings(run, digits_small / "street")  # 40 images
     other = _embeddings(run, digits_small / "handwritten")
     state = FileState(run)

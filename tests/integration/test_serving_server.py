@@ -51,6 +51,23 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.
     raise AssertionError(f"{url} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def fresh_run(src: Path, dest: Path) -> Path:
+    """A copy of an artifact without its traffic and versions: a server starts on it anew."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    return dest
+
+
+def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a test server: its own BentoML home (metrics directory), no
+    tracking, and `extra` (MP2A_* settings)."""
+    return {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
+        **extra,
+    }
+
+
 def predict_ok(c: httpx.Client, f: Path) -> dict:
     """POST /predict of one PNG file; asserts a 200 and returns the JSON answer."""
     r = c.post("/predict", files={"image": (f.name, f.read_bytes(), "image/png")})
