@@ -5,8 +5,8 @@ source features and of the stored traffic (`holdout_mask`: every 5th row) and tr
 rest; the gate compares the two heads on the held-out slices.
 
 The decision: the **estimated paired gain**, candidate − serving accuracy on the same
-held-out traffic, by COT (confidence optimal transport, Lu et al., NeurIPS 2023), each head
-at its own temperature, with an 80 % paired bootstrap interval
+held-out traffic, by COT (confidence optimal transport, Lu et al., NeurIPS 2023), both heads
+at the serving head's temperature, with an 80 % paired bootstrap interval
 (online/estimate.py `paired_gain`). Accept when the gain is at least `min_gain` and the
 interval's low end is above 0 (90 % sure of a gain). Paired, the bias that makes an absolute
 label-free estimate err by points hits both heads alike: on the candidates of `mp2a bench
