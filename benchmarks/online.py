@@ -51,7 +51,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.serving import BOUNDARY, free_port, multipart, wait_ready
+from mp2a import versions
 from mp2a.errors import Mp2aError
+from online.state import WORKER_LOCK
 from online.store import peek_int
 from online.supervisor import REPO_ROOT
 
@@ -347,6 +349,15 @@ class Scenario:
             while (n := peek_int(store, "SELECT COUNT(*) FROM samples")) < total:
                 if time.time() > deadline:
                     raise Mp2aError(f"only {n} rows reached {store}")
+                time.sleep(0.2)
+            # the worker leads (it writes who it is into the lock) before the probe starts: a
+            # worker still starting at idle priority on a busy box picked the request up so
+            # late that the probe's one repeated image filled the newest rows it read
+            lock = versions.versions_dir(run) / WORKER_LOCK
+            deadline = time.time() + 120
+            while not (lock.is_file() and lock.read_text().strip()):
+                if time.time() > deadline:
+                    raise Mp2aError(f"the adaptation worker never took the lead on {run}")
                 time.sleep(0.2)
             status, latency = self._adapt(url, fresh[0] if probe and fresh else None)
             version = str(status.get("version")) if status.get("state") == "accepted" else None
