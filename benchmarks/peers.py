@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.procs import free_port
+from benchmarks.procs import free_port, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,4 @@ def running_peer(peer: str, model_json: Path, log_file: Path) -> Iterator[str]:
             wait_ready(url, proc, path=ready)
             yield url
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, group_first=True)

@@ -96,3 +96,21 @@ class ServerProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill9()
+
+
+def stop_group(proc, group_first: bool = False, timeout: float = 20.0) -> None:
+    """Stop a server started in its own process group: SIGTERM (to the whole group when
+    `group_first`, else to the process), wait, kill if it hangs, then SIGKILL whatever of its
+    group is left (workers it did not reap)."""
+    with contextlib.suppress(ProcessLookupError):
+        if group_first:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

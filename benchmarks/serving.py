@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.procs import free_port
+from benchmarks.procs import free_port, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -322,14 +321,7 @@ def running_server(run: Path, variant: str, log_file: Path) -> Iterator[str]:
             wait_ready(url, proc)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            with contextlib.suppress(ProcessLookupError):  # workers left behind, if any
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc)
 
 
 def scrape_batch_stats(url: str) -> tuple[float, float]:
