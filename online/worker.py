@@ -7,9 +7,10 @@ constants) and stay torch-free. Everything it reads and writes goes through the 
 backend (online/state.py: files beside RUN by default, PostgreSQL for a fleet).
 
 One run (`run_once`):
-  1. the newest `max_samples` traffic embeddings of the site (stored embeddings that are not
-     finite are dropped and counted in `n_traffic_dropped`; repeats of one image count once,
-     `n_traffic_duplicates`);
+  1. the newest stored traffic embeddings of the site holding `max_samples` distinct images
+     (`read_distinct`: a burst of one repeated image reaches further back, not fewer samples;
+     embeddings that are not finite are dropped and counted in `n_traffic_dropped`; repeats
+     of one image count once, `n_traffic_duplicates`);
   2. the served version (`State.load_current`): its head, source_features.safetensors
      (features, labels, domains) and prompts (prompts.safetensors; a zero-shot artifact has
      none: the prompt learner starts from the hand template in metrics.json);
@@ -354,6 +355,36 @@ def finite_rows(x: np.ndarray) -> np.ndarray:
     return np.isfinite(x).all(axis=1)
 
 
+READ_GROWTH = 4  # each further read of the store asks for this many times more rows
+READ_REACH = 16  # and goes back at most this many times `limit` rows (memory: N × D floats)
+
+
+def read_distinct(state: State, limit: int | None, site: str) -> np.ndarray:
+    """The newest stored embeddings of `site` holding `limit` distinct images (all if None).
+
+    One image sent again and again (a health probe, a stuck camera) is one sample: read only
+    the newest `limit` rows and a burst of it would fill the window and leave nothing to adapt
+    on. So the read reaches further back while repeats fill it, up to READ_REACH × `limit`
+    rows; the repeats stay in (prepare_traffic counts and drops them)."""
+    n = limit
+    while True:
+        traffic = state.read_traffic(n, site)
+        if n is None:
+            return traffic
+        if len(np.unique(traffic, axis=0)) >= limit:
+            break
+        if len(traffic) < n or n >= READ_REACH * limit:  # the store holds no more
+            return traffic
+        n = min(n * READ_GROWTH, READ_REACH * limit)
+    # keep the rows from the oldest of the newest `limit` distinct images on (oldest first)
+    seen: set[bytes] = set()
+    for i in range(len(traffic) - 1, -1, -1):
+        seen.add(traffic[i].tobytes())
+        if len(seen) == limit:
+            return traffic[i:]
+    return traffic
+
+
 def prepare_traffic(served: Artifact, traffic: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     """The stored embeddings of a run: rows that are not finite and repeats of one image are
     dropped; (rows, in_set mask, counts). `in_set` is False where a row looks out of the label
@@ -425,7 +456,7 @@ def train_and_gate(
 
 def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) -> dict:
     served = state.load_current(site)
-    traffic = state.read_traffic(cfg.max_samples, site)
+    traffic = read_distinct(state, cfg.max_samples, site)
     n_read = len(traffic)
     traffic, in_set, counts = prepare_traffic(served, traffic)
     need = max(cfg.min_samples, len(served.classes))
@@ -437,7 +468,8 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
         }.get(trigger, "MP2A_ADAPT_MIN_SAMPLES")
         raise ValueError(
             f"{in_set.sum()} usable stored traffic samples ({counts['n_traffic_dropped']} "
-            f"dropped as NaN/inf, {counts['n_traffic_ood']} out of the label set), need at "
+            f"dropped as NaN/inf, {counts['n_traffic_duplicates']} repeats of one image, "
+            f"{counts['n_traffic_ood']} out of the label set), need at "
             f"least {need} (min_samples, and one per class); serve more traffic (or lower "
             f"{lower}) and retry"
         )

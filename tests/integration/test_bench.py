@@ -42,11 +42,13 @@ def test_bench_online_quick_runs_the_loop_on_a_real_server(capsys):
     assert main_stream["stream_images"] == 300 and main_stream["served_versions_before"] == ["1"]
     a = main_stream["adaptation"]
     assert a["state"] in ("accepted", "rejected"), a
-    assert a["method"] == "mp2a-t" and a["n_traffic"] == 300 and a["seconds"] > 0
-    # the probe's repeats of one image count once: every 5th distinct sample is held out
-    # and what looks out of the label set is left out (online/estimate.py ood_scores)
-    assert a["n_traffic_used"] == 300 - a["n_traffic_duplicates"] - a["n_traffic_ood"]
-    distinct = 300 - a["n_traffic_duplicates"]
+    assert a["method"] == "mp2a-t" and a["seconds"] > 0
+    # the probe's repeats of one image count once and the read reaches past them to 300
+    # distinct images: every 5th distinct sample is held out and what looks out of the
+    # label set is left out (online/estimate.py ood_scores)
+    distinct = a["n_traffic"] - a["n_traffic_duplicates"]
+    assert a["n_traffic"] >= 300 and distinct == 300
+    assert a["n_traffic_used"] == distinct - a["n_traffic_ood"]
     assert a["gate"]["n_stream_holdout"] == -(-distinct // 5)  # the stream's guards see all
     assert a["gate"]["n_traffic_holdout"] <= a["gate"]["n_stream_holdout"]  # in-set only
     assert "estimated_gain" in a["gate"]

@@ -360,3 +360,29 @@ def test_kill_9_of_the_leading_worker_hands_the_lead_over(run, pg_dsn, tmp_path,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_worker_reads_past_a_burst_of_one_repeated_image(state, run):
+    """A health probe or a stuck camera sending one image fills the newest rows: the worker's
+    read reaches back until it holds `limit` distinct images, and only as far as it must."""
+    from online.worker import READ_REACH, read_distinct
+
+    dim = state.load_current().backbone.embed_dim
+    store = state.open_store(dim)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, dim)).astype(np.float32)
+    probe = rng.normal(size=dim).astype(np.float32)
+    for i, e in enumerate(x):
+        assert store.offer(e, i % 10, 0.5, "1")
+    for _ in range(150):  # far more repeats than the window holds
+        assert store.offer(probe, 0, 0.5, "1")
+    store.flush(30)
+    store.close()
+    got = read_distinct(state, 30, "")
+    assert len(np.unique(got, axis=0)) == 30  # the probe image and the newest 29 of the stream
+    assert got[0].tolist() == x[-29].tolist() and len(got) == 29 + 150
+    assert read_distinct(state, None, "").shape == (190, dim)
+    # a store that holds fewer distinct images than asked for: all of it, not an endless read
+    assert len(read_distinct(state, 100, "")) == 190
+    # the reach is bounded: one distinct image in a window of 1 reads only the newest row
+    assert len(read_distinct(state, 1, "")) == 1 and READ_REACH >= 4
