@@ -142,3 +142,22 @@ def test_bad_windows_give_null_figures_with_a_reason(street_run):
     acc = float((cal.source.probs.argmax(1) == cal.source.labels).mean())
     assert fig["reason"] is None and abs(fig["estimated_accuracy"] - acc) < 0.1
     assert monitor.drift(cal, src[:10], cfg)["drifted"] is False
+
+
+def test_one_image_repeated_neither_fills_the_window_nor_looks_like_drift(street_run):
+    """A health probe sending one image between real traffic: the monitor counts it once."""
+    from online import monitor
+
+    cal = monitor.calibrate(load_artifact(street_run))
+    cfg = monitor.MonitorConfig(min_samples=20, drift_window=50)
+    src = cal.source.features
+    stream = src[1:][np.random.default_rng(3).permutation(len(src) - 1)]
+    probe = np.repeat(src[:1], 4 * len(src), axis=0)
+    window = np.concatenate([stream, probe])  # the probe's burst is the newest rows
+    x = monitor.usable(window, cal.art.head.dim)
+    assert len(x) == len(src) and np.allclose(x[-1], src[0] / np.linalg.norm(src[0]), atol=1e-6)
+    np.testing.assert_allclose(x[:-1], stream / np.linalg.norm(stream, axis=1, keepdims=True))
+    fig = monitor.compute(cal, window, cfg)
+    assert fig["n"] == len(src) and fig["estimated_accuracy"] is not None
+    assert fig["estimated_accuracy"] == monitor.compute(cal, x, cfg)["estimated_accuracy"]
+    assert monitor.drift(cal, window, cfg)["drifted"] is False
