@@ -12,8 +12,10 @@ The benchmark streams have labels; the loop never sees them. Here they score:
 3. a drift run: printed traffic, then lcd, into a real traffic store beside a zero-shot
    artifact for printed; the worker's own loop with only the drift trigger on, checked every
    `drift_chunk` samples: the samples after the change until flagged, the triggers over the
-   stationary part, the monitor's estimate against the truth over time (docs/drift.png), the
-   seconds from the trigger to the adapted head.
+   stationary part, the monitor's estimate against the truth over time (docs/drift.png); the
+   run it starts (`Drift.due`: once `drift_adapt_after` new samples arrived, on those alone):
+   when, its seconds, and the served head's accuracy on the new domain's later samples before
+   and after it.
 
 Artifacts are made by `mp2a adapt` (zeroshot, mp2a-t), streams embedded by the artifact's own
 frozen encoder. The figures are one JSON object; `targets` says which targets were met.
@@ -21,6 +23,7 @@ frozen encoder. The figures are one JSON object; `targets` says which targets we
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -59,6 +62,7 @@ class EstimatePlan:
     drift_before: int = 1000  # printed samples before the change
     drift_after: int = 1000  # lcd samples after it
     drift_chunk: int = 50  # samples between checks
+    drift_adapt_after: int = 400  # the drift run waits for, and adapts on, this many new ones
 
     @classmethod
     def quick(cls) -> EstimatePlan:
@@ -71,6 +75,7 @@ class EstimatePlan:
             adapt_steps=5,
             drift_before=200,
             drift_after=200,
+            drift_adapt_after=100,
         )
 
 
@@ -276,6 +281,7 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
     from online.state import FileState
     from online.store import StoreConfig, TrafficStore
 
+    shutil.rmtree(work / "drift-run", ignore_errors=True)  # a reused work folder: anew
     run = Path(shutil.copytree(run, work / "drift-run"))
     art = load_artifact(run)
     x = np.concatenate(
@@ -286,9 +292,11 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
     )
     state = FileState(run)
     store = TrafficStore(StoreConfig(path=run / "traffic.sqlite", dim=x.shape[1]))
-    drift = worker.Drift(cooldown_s=0.0, check_every=plan.drift_chunk)
+    drift = worker.Drift(
+        cooldown_s=0.0, check_every=plan.drift_chunk, adapt_after=plan.drift_adapt_after
+    )
     mcfg = monitor.MonitorConfig(window=500, min_samples=50)
-    timeline, flagged_at, triggers_before, served_at = [], None, 0, None
+    timeline, flags, served_at = [], [], None
     since = 0  # the loop's last_id: drift is tested on what arrived since the last run
     for start in range(0, len(x), plan.drift_chunk):
         for e, lab in zip(
@@ -299,39 +307,60 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
         seen = start + plan.drift_chunk
         t0 = time.time()
         done = []
-        if drift.check(state, "", since):  # what worker.loop does on each poll
+        pending = "" in drift.change_id
+        settings = drift.due(state, "", since)  # what worker.loop does on each poll
+        if not pending and ("" in drift.change_id or settings is not None):
+            flags.append(seen)
+        before = None
+        if settings is not None:
+            before = load_artifact_current(run).head
             since = state.traffic_max_id("")
-            done.append(worker.run_once(state, cfg, request={"trigger": "drift"}))
+            run_cfg = dataclasses.replace(cfg, **worker.request_overrides(settings))
+            done.append(worker.run_once(state, run_cfg, request={"trigger": "drift"}))
         cur = load_artifact_current(run)
         window = slice(max(0, seen - mcfg.window), seen)
         fig = monitor.compute(monitor.calibrate(cur), x[window], mcfg)
         true = float((cur.head.probs(x[window]).argmax(1) == y[window]).mean())
+        # the served head on the new domain's samples still to come: what adapting bought
+        ahead = slice(max(seen, plan.drift_before), len(x))
+        true_ahead = (
+            float((cur.head.probs(x[ahead]).argmax(1) == y[ahead]).mean())
+            if ahead.start < len(x)
+            else None
+        )
         timeline.append(
             {
                 "seen": seen,
                 "version": cur.version,
                 "true": round(true, 4),
+                "true_new_domain_ahead": None if true_ahead is None else round(true_ahead, 4),
                 "estimate": fig["estimated_accuracy"],
                 "interval": fig["interval"],
                 "shift_score": fig["shift_score"],
             }
         )
         for st in done:
-            if seen <= plan.drift_before:
-                triggers_before += 1
-            elif flagged_at is None:
-                flagged_at = seen - plan.drift_before
+            if served_at is None and seen > plan.drift_before:
                 served_at = {
+                    "samples_after_change": seen - plan.drift_before,
                     "state": st["state"],
                     "seconds": round(time.time() - t0, 2),
+                    "n_traffic": st.get("n_traffic"),
                     "gate_gain": (st.get("gate") or {}).get("estimated_gain"),
+                    # the new domain's samples after this point, before and after the run
+                    "true_ahead_before": round(_acc(before, x[ahead], y[ahead]), 4)
+                    if ahead.start < len(x)
+                    else None,
+                    "true_ahead_after": true_ahead,
                 }
     store.close()
     _plot(timeline, plan.drift_before, plot)
     return {
         "stationary_checks": plan.drift_before // plan.drift_chunk,
-        "triggers_before_change": triggers_before,
-        "samples_after_change_until_flagged": flagged_at,
+        "triggers_before_change": sum(f <= plan.drift_before for f in flags),
+        "samples_after_change_until_flagged": next(
+            (f - plan.drift_before for f in flags if f > plan.drift_before), None
+        ),
         "run_after_flag": served_at,
         "timeline": timeline,
         "last_check": drift.last.get(""),

@@ -548,11 +548,18 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
 @dataclass
 class Drift:
     """The drift trigger of `loop`: per site, the traffic since its last run tested by
-    online/monitor.py `drift`; the figures of the last check are in `last`."""
+    online/monitor.py `drift`; the figures of the last check are in `last`.
+
+    A change flagged (`check`) starts a run once `adapt_after` samples have arrived since it,
+    and that run adapts on them alone (`due`): the traffic before the change is the domain
+    the site left, and adapting on it (it fills most of any window read at the moment of the
+    flag) teaches the head the wrong domain."""
 
     monitor: monitor.MonitorConfig = field(default_factory=monitor.MonitorConfig)
     check_every: int = 50  # new samples between checks
     cooldown_s: float = 120.0  # after a run, or a drift run, of the site
+    adapt_after: int = 400  # samples since the change that a drift run waits for and uses
+    change_id: dict[str, int] = field(default_factory=dict)  # a flagged change's first row
     checked_id: dict[str, int] = field(default_factory=dict)
     last_trigger: dict[str, float] = field(default_factory=dict)
     last: dict[str, dict] = field(default_factory=dict)
@@ -579,10 +586,27 @@ class Drift:
             log.info("site %r drifted: %s", site, fig["reason"])
         return bool(fig["drifted"])
 
+    def due(self, state: State, site: str, since_id: int) -> dict | None:
+        """The settings of the drift run to start now, or None. The change is taken to begin
+        with the newest `drift_window` samples of the check that flagged it (it was not yet
+        flagged one check before); the run waits for `adapt_after` samples since then and
+        reads only those (`max_samples`)."""
+        if site not in self.change_id:
+            if not self.check(state, site, since_id):
+                return None
+            newest = self.checked_id[site]
+            self.change_id[site] = max(since_id, newest - self.monitor.drift_window)
+        n = state.traffic_max_id(site) - self.change_id[site]
+        if n < self.adapt_after:
+            return None
+        del self.change_id[site]
+        return {"max_samples": int(n)}
+
 
 def drift_from_env(env: Mapping[str, str]) -> Drift | None:
     """The drift trigger as the environment sets it: MP2A_DRIFT=0 turns it off;
-    MP2A_DRIFT_SCORE / _WINDOW / _COOLDOWN_S (online/monitor.py); ValueError on a bad value."""
+    MP2A_DRIFT_SCORE / _WINDOW (online/monitor.py), MP2A_DRIFT_COOLDOWN_S,
+    MP2A_DRIFT_ADAPT_AFTER; ValueError on a bad value."""
     if env.get("MP2A_DRIFT", "1") == "0":
         return None
     raw = env.get("MP2A_DRIFT_COOLDOWN_S", "")
@@ -590,7 +614,16 @@ def drift_from_env(env: Mapping[str, str]) -> Drift | None:
         cooldown = float(raw) if raw else Drift.cooldown_s
     except ValueError:
         raise ValueError(f"MP2A_DRIFT_COOLDOWN_S={raw!r} is not a number") from None
-    return Drift(monitor=monitor.MonitorConfig.from_env(env), cooldown_s=cooldown)
+    raw = env.get("MP2A_DRIFT_ADAPT_AFTER", "")
+    try:
+        after = int(raw) if raw else Drift.adapt_after
+        if after < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"MP2A_DRIFT_ADAPT_AFTER={raw!r} is not a whole number >= 1") from None
+    return Drift(
+        monitor=monitor.MonitorConfig.from_env(env), cooldown_s=cooldown, adapt_after=after
+    )
 
 
 def _sites(state: State) -> list[str]:
@@ -620,7 +653,8 @@ def loop(
     that holds the state's lead runs anything; the others wait and take over when it dies.
     A run also starts when a site's traffic drifts (`drift`, online/monitor.py): checked
     every `check_every` new samples, at most once per `cooldown_s`, on the samples that
-    arrived since the site's last run only, so one change starts one run.
+    arrived since the site's last run only, so one change starts one run; that run waits for
+    `drift.adapt_after` samples of the new traffic and adapts on them (`Drift.due`).
     Returns the statuses of the runs made (for tests; forever unless max_iterations)."""
     cfg = cfg or WorkerConfig()
     leading = False
@@ -679,8 +713,11 @@ def loop(
                     if (due or fresh) and state.traffic_count(candidate) >= cfg.min_samples:
                         reason, site = ("schedule" if due else "new samples"), candidate
                         break
-                    if drift is not None and drift.check(state, candidate, last_id[candidate]):
-                        reason, site = "drift", candidate
+                    if drift is None:
+                        continue
+                    settings = drift.due(state, candidate, last_id[candidate])
+                    if settings is not None:
+                        reason, site, req = "drift", candidate, {"settings": settings}
                         break
         except StateError as e:  # the database went away: keep trying, never crash
             log.warning("state unavailable (%s); retrying", e)

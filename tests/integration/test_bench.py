@@ -136,13 +136,13 @@ def test_bench_estimate_quick_measures_every_decision_against_the_labels(capsys)
     out = capsys.readouterr().out.strip()
     assert out.count("\n") == 0
     r = json.loads(out)
-    assert r["bench"] == "estimate" and r["default_method"] == "atc-lodo"
+    assert r["bench"] == "estimate" and r["default_method"] == "atc-slope"
     by_stream = {c["stream"]: c for c in r["cases"]}
     lcd, noise = by_stream["lcd"], by_stream["noise"]
     assert 0.1 < lcd["true_serving"] <= 1.0 and lcd["true_gain"] is not None
-    est = lcd["estimates_serving"]["atc-lodo"]
+    est = lcd["estimates_serving"]["atc-slope"]
     assert est["low"] <= est["value"] <= est["high"]
-    assert r["estimator_error"]["atc-lodo"]["cases"] == 1  # the noise stream has no truth
+    assert r["estimator_error"]["atc-slope"]["cases"] == 1  # the noise stream has no truth
     assert noise["true_gain"] is None and not noise["accepted"]
     assert r["gate_confusion"]["harmful_rejected"] == 1
     d = r["drift"]

@@ -6,6 +6,7 @@ drift trigger starts one run when the traffic changes domain, and none while it 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -50,7 +51,7 @@ def test_monitor_route_gauges_and_ood_scores_on_a_real_server(street_run, digits
         low, high = fig["interval"]
         assert 0.0 <= low <= fig["estimated_accuracy"] <= high <= 1.0
         assert fig["shift_score"] is not None and 0.0 <= fig["ood_fraction"] <= 1.0
-        assert fig["method"] == "atc-lodo" and fig["reason"] is None
+        assert fig["method"] == "atc-slope" and fig["reason"] is None
         g = gauges(c.get("/metrics").text)
         assert g["mp2a_estimated_accuracy"]["default"] == pytest.approx(
             fig["estimated_accuracy"], abs=0.2
@@ -88,7 +89,10 @@ def test_drift_starts_one_run_when_the_domain_changes_and_none_before(
     rng = np.random.default_rng(0)
     cfg = worker.WorkerConfig(min_samples=20, stages=1, steps_per_stage=3)
     drift = worker.Drift(
-        monitor=worker.monitor.MonitorConfig(drift_window=40), check_every=20, cooldown_s=0.0
+        monitor=worker.monitor.MonitorConfig(drift_window=40),
+        check_every=20,
+        cooldown_s=0.0,
+        adapt_after=100,
     )
 
     def offer(x: np.ndarray, n: int) -> None:
@@ -100,18 +104,40 @@ def test_drift_starts_one_run_when_the_domain_changes_and_none_before(
     since, runs = 0, []
     for _ in range(10):  # 10 checks of the stationary stream
         offer(same, 20)
-        if drift.check(state, "", since):
+        if drift.due(state, "", since) is not None:
             runs.append("stationary")
-    assert runs == [], drift.last
-    for _ in range(6):
+    assert runs == [] and drift.change_id == {}, drift.last
+    n_other, flagged_at = 0, None
+    for _ in range(12):
         offer(other, 20)
-        if drift.check(state, "", since):
+        n_other += 20
+        settings = drift.due(state, "", since)
+        if flagged_at is None and "" in drift.change_id:
+            flagged_at = n_other
+        if settings is not None:  # what worker.loop does with it
             since = state.traffic_max_id("")
-            runs.append(worker.run_once(state, cfg, request={"trigger": "drift"})["state"])
+            cfg_run = dataclasses.replace(cfg, **worker.request_overrides(settings))
+            status = worker.run_once(state, cfg_run, request={"trigger": "drift"})
+            runs.append(status["state"])
             break
     store.close()
     assert len(runs) == 1 and runs[0] in ("accepted", "rejected"), (runs, drift.last)
     assert drift.last[""]["drifted"] and "differ" in drift.last[""]["reason"]
+    # flagged early, run later: on the new traffic alone, once there was enough of it
+    assert flagged_at is not None and flagged_at < n_other, (flagged_at, n_other)
+    assert drift.adapt_after <= settings["max_samples"] <= n_other + 40
+    assert status["n_traffic"] == settings["max_samples"]
+
+
+def test_the_drift_settings_from_the_environment():
+    from online import worker
+
+    assert worker.drift_from_env({"MP2A_DRIFT": "0"}) is None
+    d = worker.drift_from_env({"MP2A_DRIFT_ADAPT_AFTER": "250", "MP2A_DRIFT_COOLDOWN_S": "5"})
+    assert d.adapt_after == 250 and d.cooldown_s == 5.0
+    for bad in ({"MP2A_DRIFT_ADAPT_AFTER": "0"}, {"MP2A_DRIFT_ADAPT_AFTER": "many"}):
+        with pytest.raises(ValueError, match="MP2A_DRIFT_ADAPT_AFTER"):
+            worker.drift_from_env(bad)
 
 
 def test_bad_windows_give_null_figures_with_a_reason(street_run):

@@ -40,7 +40,9 @@ def clean():
     return head, estimate.source_view(head, xs, ys, ds), xt, yt
 
 
-@pytest.mark.parametrize("method", ["atc", "atc-lodo", "ac", "doc", "cot", "cot-lodo"])
+@pytest.mark.parametrize(
+    "method", ["atc", "atc-lodo", "atc-slope", "ac", "doc", "doc-slope", "cot", "cot-lodo"]
+)
 def test_each_estimator_follows_the_accuracy_on_traffic_like_the_sources(clean, method):
     head, src, xt, yt = clean
     true = float((head.probs(xt).argmax(1) == yt).mean())
@@ -75,6 +77,45 @@ def test_the_cross_shift_correction_removes_a_bias_the_sources_show():
     plain = estimate.estimate(head, src, xt, "atc").value
     corrected = estimate.estimate(head, src, xt, "atc-lodo").value
     assert abs(corrected - true) < abs(plain - true), (plain, corrected, true)
+
+
+def test_the_shift_line_stretches_an_estimate_that_moves_too_little():
+    """Folds where the truth moved twice as far from the calibration as the estimate: the
+    line's slope is 2, and a fold predicted from the others errs by nothing."""
+    calib = np.array([0.8, 0.7, 0.75])
+    est = np.array([0.7, 0.75, 0.6])
+    folds = np.stack([calib, est, calib + 2 * (est - calib)], axis=1)
+    line = estimate.shift_line(folds)
+    assert line.slope == pytest.approx(2.0) and np.allclose(line.errors, 0.0)
+    assert estimate.shift_line(folds[:1]) is None  # one fold: no line to check
+    # a degenerate fold set (the estimate never moved) keeps the estimate as it is
+    flat = np.stack([calib, calib, calib - 0.1], axis=1)
+    assert estimate.shift_line(flat).slope == 1.0
+    assert estimate.t90(2) == pytest.approx(2.92) and estimate.t90(50) == estimate.Z90
+
+
+def test_the_slope_correction_beats_the_mean_correction_when_shifts_grow():
+    """Three source domains of growing noise, traffic noisier still: the plain ATC stays
+    too near the source accuracy, the mean fold error barely moves it (the folds err both
+    ways and cancel), the slope moves it most of the way."""
+    w, sample = _world(0)
+    head = _head(w)
+    parts = [sample(400, scale=s) for s in (0.3, 0.45, 0.6)]
+    xs = np.concatenate([p[0] for p in parts])
+    ys = np.concatenate([p[1] for p in parts])
+    src = estimate.source_view(head, xs, ys, np.repeat([0, 1, 2], 400))
+    assert estimate.shift_line(estimate.lodo_folds("atc", src)).slope > 1.0
+    xt, yt = sample(1000, scale=0.9)
+    true = float((head.probs(xt).argmax(1) == yt).mean())
+    got = {m: estimate.estimate(head, src, xt, m) for m in ("atc", "atc-lodo", "atc-slope")}
+    err = {m: abs(e.value - true) for m, e in got.items()}
+    assert err["atc-slope"] < 0.8 * min(err["atc"], err["atc-lodo"]), (err, true)
+    assert got["atc-slope"].low <= true <= got["atc-slope"].high
+    # one source domain: nothing to fit a line on, the plain estimate
+    one = estimate.source_view(head, parts[0][0], parts[0][1], None)
+    assert estimate.estimate(head, one, xt, "atc-slope").value == pytest.approx(
+        estimate.estimate(head, one, xt, "atc").value, abs=1e-4
+    )
 
 
 def test_paired_gain_finds_the_better_head_and_no_gain_against_itself(clean):
