@@ -450,10 +450,28 @@ def _summary(cases: list[dict]) -> dict:
             else "small"
         )
         confusion[f"{kind}_{verdict}"] += 1
+    # the mixed stream against its clean stream (lcd): where the clean one gains
+    clean = {(c["base"], c["n"]): c for c in cases if c["stream"] == "lcd"}
+    mixed = []
+    for c in cases:
+        ref = clean.get((c["base"], c["n"]))
+        if c["stream"] != MIXED or ref is None or (ref["true_gain"] or 0) < 0.02:
+            continue
+        mixed.append(
+            {
+                "base": c["base"],
+                "n": c["n"],
+                "accepted": c["accepted"],
+                "gain": c["true_gain"],
+                "clean_gain": ref["true_gain"],
+                "ratio": round(c["true_gain"] / ref["true_gain"], 3),
+            }
+        )
     return {
         "estimator_error": table,
         "default_interval_coverage": round(float(np.mean(covered)), 4) if covered else None,
         "gate_confusion": confusion,
+        "mixed_vs_clean": mixed,
     }
 
 
@@ -503,6 +521,8 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
         "gate_rejects_every_harmful_stream": conf["harmful_accepted"] == 0,
         "drift_flagged_within_500": (drift["samples_after_change_until_flagged"] or 10**9) <= 500,
         "no_trigger_on_stationary_stream": drift["triggers_before_change"] == 0,
+        "mixed_accepted_with_80pct_of_clean_gain": bool(summary["mixed_vs_clean"])
+        and all(m["accepted"] and m["ratio"] >= 0.8 for m in summary["mixed_vs_clean"]),
     }
     return {
         "bench": "estimate",
@@ -516,6 +536,77 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
     }
 
 
-if __name__ == "__main__":  # python -m benchmarks.estimate [--quick]
+def markdown(r: dict) -> str:
+    """docs/ESTIMATES.md's tables from one run's JSON (`python -m benchmarks.estimate
+    --markdown RESULT.json`)."""
+    pts = lambda v: "—" if v is None else f"{100 * v:+.1f}"  # noqa: E731
+    out = ["## Estimators of the serving head's accuracy", ""]
+    out += ["| method | MAE (pts) | max (pts) | bias (pts) | cases |", "|---|---:|---:|---:|---:|"]
+    for m, e in sorted(r["estimator_error"].items(), key=lambda kv: kv[1]["mae"]):
+        name = f"`{m}`" + (" (default)" if m == r["default_method"] else "")
+        out.append(
+            f"| {name} | {100 * e['mae']:.1f} | {100 * e['max']:.1f} | {pts(e['bias'])} "
+            f"| {e['cases']} |"
+        )
+    cov = r["default_interval_coverage"]
+    out += ["", f"The default method's 90 % interval covers the truth in {100 * cov:.0f} % of "
+            "cases. Errors per case (estimate − truth, points):", ""]  # fmt: skip
+    methods = list(r["estimator_error"])
+    out.append("| base | stream | n | true | " + " | ".join(f"`{m}`" for m in methods) + " |")
+    out.append("|---|---|---:|---:|" + "---:|" * len(methods))
+    for c in r["cases"]:
+        if c["true_serving"] is None:
+            continue
+        cells = []
+        for m in methods:
+            v = c["estimates_serving"][m]["value"]
+            cells.append("—" if v is None else pts(v - c["true_serving"]))
+        out.append(
+            f"| {c['base']} | {c['stream']} | {c['n']} | {100 * c['true_serving']:.1f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    out += ["", "## The gate's decisions against the true gain", ""]
+    out.append("| base | stream | n | true gain (pts) | estimated gain [80 % interval] | decision "
+               "| first reason |")  # fmt: skip
+    out.append("|---|---|---:|---:|---|---|---|")
+    for c in r["cases"]:
+        eg, iv = c["estimated_gain"], c["estimated_gain_interval"] or [None, None]
+        est = "—" if eg is None else f"{pts(eg)} [{pts(iv[0])}, {pts(iv[1])}]"
+        reason = (c["reasons"][0][:80] + "…") if c["reasons"] else ""
+        verdict = "accepted" if c["accepted"] else "rejected"
+        out.append(
+            f"| {c['base']} | {c['stream']} | {c['n']} | {pts(c['true_gain'])} | {est} | "
+            f"{verdict} | {reason} |"
+        )
+    out += ["", "| gate vs truth | accepted | rejected |", "|---|---:|---:|"]
+    gc = r["gate_confusion"]
+    for k, label in (("gain>=2", "gain ≥ 2 pts"), ("small", "within (−1, 2) pts"),
+                     ("loss>=1", "loss ≥ 1 pt"), ("harmful", "harmful stream")):  # fmt: skip
+        out.append(f"| {label} | {gc[k + '_accepted']} | {gc[k + '_rejected']} |")
+    out += ["", "Mixed stream (lcd with letters) against the clean lcd stream:", ""]
+    out += ["| base | n | accepted | gain (pts) | clean gain (pts) | ratio |",
+            "|---|---:|---|---:|---:|---:|"]  # fmt: skip
+    for m in r.get("mixed_vs_clean", []):
+        out.append(
+            f"| {m['base']} | {m['n']} | {m['accepted']} | {pts(m['gain'])} | "
+            f"{pts(m['clean_gain'])} | {m['ratio']:.2f} |"
+        )
+    d = r["drift"]
+    out += ["", "## Drift run (printed, then lcd; docs/drift.png)", ""]
+    out.append(
+        f"{d['stationary_checks']} stationary checks, {d['triggers_before_change']} triggers "
+        f"before the change; flagged {d['samples_after_change_until_flagged']} samples after "
+        f"it; the run it started: `{json.dumps(d['run_after_flag'])}`."
+    )
+    out += ["", "Targets: " + ", ".join(
+        f"{k} {'met' if v else 'MISSED'}" for k, v in r["targets"].items())]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":  # python -m benchmarks.estimate [--quick | --markdown RESULT.json]
+    if sys.argv[1:2] == ["--markdown"]:
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
+        sys.exit(0)
     logging.basicConfig(level=logging.INFO)
     print(json.dumps(run(quick="--quick" in sys.argv)))

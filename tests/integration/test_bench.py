@@ -150,3 +150,8 @@ def test_bench_estimate_quick_measures_every_decision_against_the_labels(capsys)
     assert d["samples_after_change_until_flagged"] is not None
     assert d["samples_after_change_until_flagged"] <= 200
     assert len(d["timeline"]) == 8 and all(0 <= t["true"] <= 1 for t in d["timeline"])
+    from benchmarks.estimate import markdown
+
+    md = markdown(r)  # docs/ESTIMATES.md's tables
+    assert "| `atc-slope` (default) |" in md and "| lcd |" in md
+    assert md.rstrip().splitlines()[-1].startswith("Targets: estimate_mae_le_3pts ")
