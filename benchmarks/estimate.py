@@ -220,7 +220,9 @@ def _acc(head, x: np.ndarray, y: np.ndarray) -> float | None:
     return float((head.probs(x[m]).argmax(1) == y[m]).mean()) if m.any() else None
 
 
-def _case(run: Path, stream: str, x: np.ndarray, y: np.ndarray, n: int, cfg) -> dict:
+def _case(
+    run: Path, stream: str, x: np.ndarray, y: np.ndarray, n: int, cfg, keep: Path | None = None
+) -> dict:
     """One base × stream × size: the estimators on the serving head, the worker's candidate
     and the gate, each against the truth."""
     from mp2a.artifact import SOURCE_FEATURES_FILE, load_artifact
@@ -246,6 +248,11 @@ def _case(run: Path, stream: str, x: np.ndarray, y: np.ndarray, n: int, cfg) -> 
         art, kept, cfg, art.metrics().get("template"), in_set=in_set_kept
     )
     row["candidate_seconds"] = round(time.time() - t0, 2)
+    if keep is not None:  # the candidate's head, for studying the gate offline
+        from safetensors.numpy import save_file
+
+        keep.mkdir(parents=True, exist_ok=True)
+        save_file(cand.head.tensors(), str(keep / f"{run.name}-{stream}-{n}.safetensors"))
     # the truth of the gain: the stream's images the candidate never trained on
     hold = gate.holdout_mask(len(kept))
     keep_idx = _kept_index(traffic, kept)
@@ -263,6 +270,8 @@ def _case(run: Path, stream: str, x: np.ndarray, y: np.ndarray, n: int, cfg) -> 
         estimated_gain=decision.get("estimated_gain"),
         estimated_gain_interval=decision.get("estimated_gain_interval"),
         estimate_candidate=decision.get("estimate_candidate"),
+        gain_bias_on_sources=decision.get("gain_bias_on_sources"),
+        guards_passed=decision.get("guards_passed"),
         ood_in_set_kept=round(float(in_set[keep_idx].mean()), 4) if len(keep_idx) else None,
     )
     return row
@@ -404,7 +413,7 @@ def _plot(timeline: list[dict], change: int, path: Path) -> None:
 
 def _summary(cases: list[dict]) -> dict:
     """Error tables and the gate's confusion against the truth."""
-    from online import estimate
+    from online import estimate, gate
 
     errors: dict[str, list[float]] = {m: [] for m in estimate.all_methods()}
     covered = []
@@ -437,6 +446,8 @@ def _summary(cases: list[dict]) -> dict:
         "harmful_accepted": 0,
         "harmful_rejected": 0,
     }
+    corrected: dict[str, int] = {k: 0 for k in confusion}
+    gain_min = gate.GateConfig().min_gain
     for c in cases:
         verdict = "accepted" if c["accepted"] else "rejected"
         g = c["true_gain"]
@@ -450,6 +461,13 @@ def _summary(cases: list[dict]) -> dict:
             else "small"
         )
         confusion[f"{kind}_{verdict}"] += 1
+        # the same guards, the gain less its bias on the sources (online/estimate.py
+        # gain_bias_on_sources): measured beside the gate's decision, not part of it
+        b, iv = c.get("gain_bias_on_sources"), c.get("estimated_gain_interval") or [None] * 2
+        if b is not None and c.get("guards_passed") is not None and iv[0] is not None:
+            alt = c["guards_passed"] and c["estimated_gain"] - b[0] >= gain_min and iv[0] - b[0] > 0
+            key = f"{kind}_{'accepted' if alt else 'rejected'}"
+            corrected[key] = corrected.get(key, 0) + 1
     # the mixed stream against its clean stream (lcd): where the clean one gains
     clean = {(c["base"], c["n"]): c for c in cases if c["stream"] == "lcd"}
     mixed = []
@@ -471,6 +489,7 @@ def _summary(cases: list[dict]) -> dict:
         "estimator_error": table,
         "default_interval_coverage": round(float(np.mean(covered)), 4) if covered else None,
         "gate_confusion": confusion,
+        "gate_confusion_gain_less_source_bias": corrected,
         "mixed_vs_clean": mixed,
     }
 
@@ -494,7 +513,8 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
                 for n in plan.sizes:
                     if n > len(x):
                         continue
-                    row = _case(work / f"{base}-{_base_domain(stream)}", stream, x, y, n, cfg)
+                    run_dir = work / f"{base}-{_base_domain(stream)}"
+                    row = _case(run_dir, stream, x, y, n, cfg, None if own else work / "cands")
                     row["base"] = base
                     cases.append(row)
                     log.info(

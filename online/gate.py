@@ -233,6 +233,10 @@ def evaluate(
         atc_serving=atc_s,
         atc_candidate=atc_c,
     )
+    # measured beside the decision, not part of it (yet): how far the gain estimator
+    # overstates this candidate on the labelled source rows (docs/ESTIMATES.md)
+    bias = estimate.gain_bias_on_sources(serving, candidate, view_s)
+    fig["gain_bias_on_sources"] = None if bias is None else [round(v, 4) for v in bias]
     stream_limit = 1 / c + cfg.max_stream_excess * (1 - 1 / c)
     fig["stream_share_limit"] = stream_limit
     if share_stream > stream_limit:
@@ -241,6 +245,8 @@ def evaluate(
             f"is class {top_stream} for the serving head (limit {stream_limit:.3f}); adapting to "
             "it would teach the head that class; collect a more varied stream"
         )
+    fig["guards_passed"] = not reasons and agreement >= cfg.agreement_floor
+    fig["guards_passed"] = fig["guards_passed"] and share_c <= cfg.max_class_share
     if gain.value < cfg.min_gain or gain.low <= 0:
         reasons.append(
             f"the estimated accuracy gain {gain.value:+.3f} (80 % interval {gain.low:+.3f} to "

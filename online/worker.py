@@ -588,14 +588,15 @@ class Drift:
 
     def due(self, state: State, site: str, since_id: int) -> dict | None:
         """The settings of the drift run to start now, or None. The change is taken to begin
-        with the newest `drift_window` samples of the check that flagged it (it was not yet
-        flagged one check before); the run waits for `adapt_after` samples since then and
-        reads only those (`max_samples`)."""
+        after the last check that did not flag it: a flag comes some samples after a change,
+        so a run from there holds at most `check_every` samples of the old domain, where the
+        whole tested slice (`drift_window`) held up to 150 of them on the bench. The run
+        waits for `adapt_after` samples since then and reads only those (`max_samples`)."""
         if site not in self.change_id:
+            before = self.checked_id.get(site, since_id)
             if not self.check(state, site, since_id):
                 return None
-            newest = self.checked_id[site]
-            self.change_id[site] = max(since_id, newest - self.monitor.drift_window)
+            self.change_id[site] = max(since_id, before)
         n = state.traffic_max_id(site) - self.change_id[site]
         if n < self.adapt_after:
             return None

@@ -189,3 +189,18 @@ def test_the_shift_test_tells_a_change_from_the_same_distribution():
     changed = estimate.shift_test(a, shifted)
     assert same.p_value > 0.01 and abs(same.score) < 4
     assert changed.p_value < 0.01 and changed.score > 10
+
+
+def test_the_gain_bias_on_the_sources_finds_confidence_that_is_not_accuracy(clean):
+    """A candidate with the serving head's rows at a higher logit scale predicts the same
+    classes (no true gain) with more confidence: COT reads that as a gain, and the source
+    folds measure exactly that overstatement; the serving head against itself: none."""
+    head, src, xt, _ = clean
+    bolder = Head(weight=head.weight, logit_scale=25.0)
+    mean, sd = estimate.gain_bias_on_sources(head, bolder, src)
+    g = estimate.paired_gain(head, bolder, src, src, xt)
+    assert g.value > 0.02 and mean > 0.02, (g, mean)  # an imagined gain, seen on the sources
+    assert abs((g.value - mean)) < 0.5 * g.value and sd >= 0.0
+    assert estimate.gain_bias_on_sources(head, head, src) == (0.0, 0.0)
+    one = estimate.source_view(head, src.features, src.labels, None)
+    assert estimate.gain_bias_on_sources(head, bolder, one) is None
