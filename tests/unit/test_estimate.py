@@ -200,7 +200,7 @@ def test_the_gain_bias_on_the_sources_finds_confidence_that_is_not_accuracy(clea
     mean, sd = estimate.gain_bias_on_sources(head, bolder, src)
     g = estimate.paired_gain(head, bolder, src, src, xt)
     assert g.value > 0.02 and mean > 0.02, (g, mean)  # an imagined gain, seen on the sources
-    assert abs((g.value - mean)) < 0.5 * g.value and sd >= 0.0
+    assert abs(g.value - mean) < 0.5 * g.value and sd >= 0.0
     assert estimate.gain_bias_on_sources(head, head, src) == (0.0, 0.0)
     one = estimate.source_view(head, src.features, src.labels, None)
     assert estimate.gain_bias_on_sources(head, bolder, one) is None
