@@ -588,22 +588,29 @@ def markdown(r: dict) -> str:
         )
     out += ["", "## The gate's decisions against the true gain", ""]
     out.append("| base | stream | n | true gain (pts) | estimated gain [80 % interval] | decision "
-               "| first reason |")  # fmt: skip
-    out.append("|---|---|---:|---:|---|---|---|")
+               "| less its source bias | first reason |")  # fmt: skip
+    out.append("|---|---|---:|---:|---|---|---:|---|")
     for c in r["cases"]:
         eg, iv = c["estimated_gain"], c["estimated_gain_interval"] or [None, None]
         est = "—" if eg is None else f"{pts(eg)} [{pts(iv[0])}, {pts(iv[1])}]"
         reason = (c["reasons"][0][:80] + "…") if c["reasons"] else ""
         verdict = "accepted" if c["accepted"] else "rejected"
+        b = c.get("gain_bias_on_sources")
+        less = "—" if b is None or eg is None else pts(eg - b[0])
         out.append(
             f"| {c['base']} | {c['stream']} | {c['n']} | {pts(c['true_gain'])} | {est} | "
-            f"{verdict} | {reason} |"
+            f"{verdict} | {less} | {reason} |"
         )
-    out += ["", "| gate vs truth | accepted | rejected |", "|---|---:|---:|"]
-    gc = r["gate_confusion"]
+    gc, alt = r["gate_confusion"], r.get("gate_confusion_gain_less_source_bias")
+    head = "| gate vs truth | accepted | rejected |"
+    out += ["", head + (" accepted, gain less its source bias | rejected |" if alt else "")]
+    out.append("|---|---:|---:|" + ("---:|---:|" if alt else ""))
     for k, label in (("gain>=2", "gain ≥ 2 pts"), ("small", "within (−1, 2) pts"),
                      ("loss>=1", "loss ≥ 1 pt"), ("harmful", "harmful stream")):  # fmt: skip
-        out.append(f"| {label} | {gc[k + '_accepted']} | {gc[k + '_rejected']} |")
+        row = f"| {label} | {gc[k + '_accepted']} | {gc[k + '_rejected']} |"
+        if alt:
+            row += f" {alt[k + '_accepted']} | {alt[k + '_rejected']} |"
+        out.append(row)
     out += ["", "Mixed stream (lcd with letters) against the clean lcd stream:", ""]
     out += ["| base | n | accepted | gain (pts) | clean gain (pts) | ratio |",
             "|---|---:|---|---:|---:|---:|"]  # fmt: skip

@@ -393,13 +393,11 @@ def paired_gain(
     makes absolute estimates err by points) cancels in the difference.
 
     One temperature for both, the serving head's on its source rows: the two heads are
-    compared in one currency. Measured on the bench's 54 candidates (`mp2a bench estimate`,
-    docs/ESTIMATES.md): one shared temperature accepted every real gain of 2 points or more
-    (12 of 12) but also 3 of 5 losses (an mp2a-t base re-adapted on lcd, −2.5 to −6.8
-    points), and overstates gains; each head at its own temperature (a candidate that
-    specialises to its site loses calibration on the sources and is judged more cautiously)
-    missed 7 of 17 gains, mostly at 300 samples, and still took 3 of 10 losses. The issue
-    users met was real gains rejected, so the shared temperature is the default.
+    compared in one currency (each head at its own temperature, a candidate that specialises
+    to its site loses calibration on the sources and is judged too cautiously: it missed 7
+    of 17 real gains on the bench). What remains is the candidate's own growth in
+    confidence, which COT reads as accuracy: `gain_bias_on_sources` measures it on the
+    labelled source rows and the gate subtracts it (online/gate.py; docs/ESTIMATES.md).
     `src_candidate` is not used by the estimate (kept so callers pass both views alike)."""
     del src_candidate
     x = l2_normalize(np.asarray(traffic, np.float32))

@@ -30,6 +30,10 @@ WORKER_SETTINGS = (
     ("MP2A_GATE_MIN_GAIN", "--gate-min-gain", float, True),
 )
 METHOD_SETTING = ("MP2A_ADAPT_METHOD", "--method", ("mp2a-t", "mp2a"))
+CHOICE_SETTINGS = (
+    METHOD_SETTING,
+    ("MP2A_GATE_GAIN_CORRECTION", "--gate-gain-correction", ("sources", "none")),
+)
 
 
 def _positive(
@@ -64,11 +68,11 @@ def worker_command(run: Path, environ: dict[str, str] | None = None) -> list[str
     for name, flag, kind, zero in WORKER_SETTINGS:
         if env.get(name, "").strip():
             cmd += [flag, _positive(env, name, kind, "", zero)]
-    name, flag, choices = METHOD_SETTING
-    if method := env.get(name, "").strip():
-        if method not in choices:
-            raise Mp2aError(f"{name} must be one of {', '.join(choices)}, got {method!r}")
-        cmd += [flag, method]
+    for name, flag, choices in CHOICE_SETTINGS:
+        if value := env.get(name, "").strip():
+            if value not in choices:
+                raise Mp2aError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            cmd += [flag, value]
     from online.worker import drift_from_env  # the drift trigger's settings, checked here
 
     try:

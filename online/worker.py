@@ -788,6 +788,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gate-source-margin", type=float, default=gate.GateConfig.source_margin)
     p.add_argument("--gate-agreement-floor", type=float, default=gate.GateConfig.agreement_floor)
     p.add_argument("--gate-min-gain", type=float, default=gate.GateConfig.min_gain)
+    p.add_argument(
+        "--gate-gain-correction",
+        choices=gate.GAIN_CORRECTIONS,
+        default=gate.GateConfig.gain_correction,
+    )
     p.add_argument("--poll", type=float, default=1.0, help="seconds between checks")
     p.add_argument("--once", action="store_true", help="run one adaptation now and exit")
     p.add_argument(
@@ -820,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             source_margin=a.gate_source_margin,
             agreement_floor=a.gate_agreement_floor,
             min_gain=a.gate_min_gain,
+            gain_correction=a.gate_gain_correction,
         ),
     )
     try:

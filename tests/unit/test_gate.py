@@ -170,3 +170,30 @@ def test_the_stream_guards_see_the_rows_left_out_of_the_label_set(world):
     assert not r["accepted"] and any("explain little" in s for s in r["reasons"])
     alone = gate.evaluate(world["serving"], world["true"], x, y, x[:60])
     assert not any("explain little" in s for s in alone["reasons"])
+
+
+def test_a_candidate_that_is_only_more_confident_is_no_gain(world):
+    """The same class rows at a higher logit scale: the same predictions (no true gain),
+    more confidence. COT reads that as a gain; the source folds measure the overstatement
+    and the corrected gain is none. With the correction off, the plain gain is kept."""
+    w = world["true"].weight[0]
+    rng = np.random.default_rng(5)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.arange(n) % C
+        return l2_normalize(w[y] + 0.6 * rng.normal(size=(n, D))).astype(np.float32), y
+
+    (xs, ys), (xt, _) = sample(600), sample(300)
+    doms = np.arange(600) % 3
+    serving = Head(weight=w[None], logit_scale=5.0)
+    bolder = Head(weight=w[None], logit_scale=30.0)
+    off = gate.GateConfig(gain_correction="none")
+    plain = gate.evaluate(serving, bolder, xs, ys, xt, off, source_domains=doms)
+    fixed = gate.evaluate(serving, bolder, xs, ys, xt, source_domains=doms)
+    assert plain["estimated_gain"] == plain["estimated_gain_raw"] > 0.01, plain
+    bias = fixed["gain_bias_on_sources"][0]
+    assert bias > 0.01 and fixed["estimated_gain"] == pytest.approx(plain["estimated_gain"] - bias)
+    assert abs(fixed["estimated_gain"]) < 0.01 and not fixed["accepted"]
+    assert any("not clearly above zero" in r for r in fixed["reasons"])
+    with pytest.raises(ValueError, match="gain_correction"):
+        gate.GateConfig(gain_correction="magic")
