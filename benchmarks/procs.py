@@ -102,15 +102,11 @@ def stop_group(proc, group_first: bool = False, timeout: float = 20.0) -> None:
     """Stop a server started in its own process group: SIGTERM (to the whole group when
     `group_first`, else to the process), wait, kill if it hangs, then SIGKILL whatever of its
     group is left (workers it did not reap)."""
-    with contextlib.suppress(ProcessLookupError):
-        if group_first:
+    from online.supervisor import terminate
+
+    if group_first:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    terminate(proc, timeout, signal_it=not group_first)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

@@ -279,8 +279,9 @@ def evaluate(
             f"is class {top_stream} for the serving head (limit {stream_limit:.3f}); adapting to "
             "it would teach the head that class; collect a more varied stream"
         )
-    fig["guards_passed"] = not reasons and agreement >= cfg.agreement_floor
-    fig["guards_passed"] = fig["guards_passed"] and share_c <= cfg.max_class_share
+    fig["guards_passed"] = (
+        not reasons and agreement >= cfg.agreement_floor and share_c <= cfg.max_class_share
+    )
     if gain.value < cfg.min_gain or gain.low <= 0:
         reasons.append(
             f"the estimated accuracy gain {gain.value:+.3f} (80 % interval {gain.low:+.3f} to "

@@ -109,16 +109,19 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def newest_copies(x: np.ndarray) -> np.ndarray:
+    """Ascending indices of the newest copy of each distinct row of `x` (newest last)."""
+    _, first = np.unique(x[::-1], axis=0, return_index=True)
+    return np.sort(len(x) - 1 - first)
+
+
 def usable(traffic: np.ndarray, dim: int) -> np.ndarray:
     """The finite rows of `traffic`, each image once (newest last): a health probe or a stuck
     camera repeating one image would otherwise fill the window, pull the estimate towards
     its one verdict and look like drift."""
     x = np.asarray(traffic, np.float32).reshape(-1, dim) if len(traffic) else np.zeros((0, dim))
     x = x[np.isfinite(x).all(axis=1)].astype(np.float32)
-    if len(x):
-        _, last = np.unique(x[::-1], axis=0, return_index=True)
-        x = x[::-1][np.sort(last)][::-1]  # the newest copy of each image, in order
-    return l2_normalize(x)
+    return l2_normalize(x[newest_copies(x)] if len(x) else x)
 
 
 def compute(cal: Calibrated, traffic: np.ndarray, cfg: MonitorConfig, site: str = "") -> dict:

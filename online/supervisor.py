@@ -3,6 +3,7 @@ environment, and a supervisor that restarts it when it dies."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -156,12 +157,20 @@ class WorkerSupervisor:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout)
+
+
+def terminate(proc: subprocess.Popen, timeout: float, signal_it: bool = True) -> None:
+    """SIGTERM (unless the caller signalled it already), wait up to `timeout` s, SIGKILL if
+    it hangs; reaped either way."""
+    if signal_it:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def edge_supervisor(run: Path, hub: str, site: str, metrics_dir: str | None) -> WorkerSupervisor:

@@ -371,18 +371,12 @@ def read_distinct(state: State, limit: int | None, site: str) -> np.ndarray:
         traffic = state.read_traffic(n, site)
         if n is None:
             return traffic
-        if len(np.unique(traffic, axis=0)) >= limit:
-            break
+        keep = monitor.newest_copies(traffic)
+        if len(keep) >= limit:  # from the newest copy of the limit-th newest image on
+            return traffic[keep[-limit] :]
         if len(traffic) < n or n >= READ_REACH * limit:  # the store holds no more
             return traffic
         n = min(n * READ_GROWTH, READ_REACH * limit)
-    # keep the rows from the oldest of the newest `limit` distinct images on (oldest first)
-    seen: set[bytes] = set()
-    for i in range(len(traffic) - 1, -1, -1):
-        seen.add(traffic[i].tobytes())
-        if len(seen) == limit:
-            return traffic[i:]
-    return traffic
 
 
 def prepare_traffic(served: Artifact, traffic: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:

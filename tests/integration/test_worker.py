@@ -328,6 +328,8 @@ def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):
         ({"MP2A_ADAPT_MIN_SAMPLES": "0"}, "MP2A_ADAPT_MIN_SAMPLES must be a positive integer"),
         ({"MP2A_ADAPT_METHOD": "magic"}, "MP2A_ADAPT_METHOD must be one of mp2a-t, mp2a"),
         ({"MP2A_GATE_MIN_GAIN": "-1"}, "MP2A_GATE_MIN_GAIN must be a non-negative number"),
+        ({"MP2A_GATE_GAIN_CORRECTION": "x"}, "MP2A_GATE_GAIN_CORRECTION must be one of sources"),
+        ({"MP2A_DRIFT_ADAPT_AFTER": "0"}, "MP2A_DRIFT_ADAPT_AFTER='0' is not a whole number"),
     ]:
         with pytest.raises(Mp2aError, match=says):
             worker_command(tmp_path, env)
@@ -336,6 +338,11 @@ def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):
     assert cmd is not None
     assert cmd[cmd.index("--steps") + 1] == "7" and cmd[cmd.index("--max-samples") + 1] == "900"
     assert cmd[cmd.index("--method") + 1] == "mp2a"
+    cmd = worker_command(tmp_path, {"MP2A_GATE_GAIN_CORRECTION": "none"})
+    assert cmd[cmd.index("--gate-gain-correction") + 1] == "none"
+    with pytest.raises(SystemExit) as e:  # the worker refuses a value it does not know
+        worker.main([str(tmp_path), "--gate-gain-correction", "magic"])
+    assert e.value.code == 2
 
 
 def test_online_serving_without_the_training_stack_is_a_one_line_error(tmp_path, monkeypatch):
