@@ -263,7 +263,8 @@ def make_workloads(folder: Path, names: tuple[str, ...], photos: Path | None) ->
             path.write_bytes(makers[name]())
             out[name] = path
         elif photos is not None and (photos / name).is_dir():
-            files = sorted(f for f in (photos / name).rglob("*") if f.is_file())
+            # absolute targets: a link to a relative path resolves from the link's folder
+            files = sorted(f.resolve() for f in (photos / name).rglob("*") if f.is_file())
             pick = np.unique(np.linspace(0, len(files) - 1, num=min(PHOTOS_PER_DOMAIN, len(files))))
             d = folder / name
             d.mkdir(exist_ok=True)
@@ -660,6 +661,8 @@ def _load_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     image = Path(a.image)  # one file, or a folder of files sent in turn
     files = sorted(f for f in image.iterdir() if f.is_file()) if image.is_dir() else [image]
+    if not files:
+        sys.exit(f"--image {image}: no readable image file there")
     body = [multipart(f.read_bytes()) for f in files]
     print(json.dumps(generate_load(a.host, a.port, body, a.concurrency, a.requests, a.seconds)))
     return 0

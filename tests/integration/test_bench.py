@@ -1,6 +1,7 @@
 """`mp2a bench … --json` prints one JSON object with the figures (no timing asserts here)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,23 @@ def test_bench_estimate_quick_measures_every_decision_against_the_labels(capsys)
     md = markdown(r)  # docs/ESTIMATES.md's tables
     assert "| `atc-slope` (default) |" in md and "| lcd |" in md
     assert md.rstrip().splitlines()[-1].startswith("Targets: estimate_mae_le_3pts ")
+
+
+def test_bench_serving_photo_workloads_read_a_relative_imagefolder(tmp_path, monkeypatch):
+    """`--photos` given relative to the working folder (as a user types it): every linked
+    photo of the workload is readable by the load generator."""
+    from PIL import Image
+
+    from benchmarks.serving import make_workloads
+
+    for cls in ("mug", "pen"):
+        d = tmp_path / "photos" / "dslr" / cls
+        d.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 60, 10, 200)).save(d / f"{i}.jpg")
+    monkeypatch.chdir(tmp_path)
+    out = make_workloads(tmp_path / "work", ("dslr", "webcam"), Path("photos"))
+    assert set(out) == {"dslr"}  # no webcam folder: that workload is left out
+    files = sorted(out["dslr"].iterdir())
+    assert len(files) == 6
+    assert all(f.is_file() and Image.open(f).size == (40, 30) for f in files)
