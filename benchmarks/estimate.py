@@ -307,11 +307,14 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
     mcfg = monitor.MonitorConfig(window=500, min_samples=50)
     timeline, flags, served_at = [], [], None
     since = 0  # the loop's last_id: drift is tested on what arrived since the last run
+    served_by = np.empty(len(x), dtype=object)  # the version that answered each sample
+    serving = str(art.version)
     for start in range(0, len(x), plan.drift_chunk):
         for e, lab in zip(
             x[start : start + plan.drift_chunk], y[start : start + plan.drift_chunk], strict=True
         ):
-            store.offer(e, int(lab), 1.0, str(art.version))
+            store.offer(e, int(lab), 1.0, serving)
+        served_by[start : start + plan.drift_chunk] = serving
         store.flush(30)
         seen = start + plan.drift_chunk
         t0 = time.time()
@@ -327,9 +330,12 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
             run_cfg = dataclasses.replace(cfg, **worker.request_overrides(settings))
             done.append(worker.run_once(state, run_cfg, request={"trigger": "drift"}))
         cur = load_artifact_current(run)
-        window = slice(max(0, seen - mcfg.window), seen)
+        serving = str(cur.version)
+        # what the server's monitor reads: the window's rows that the served version answered
+        window = np.arange(max(0, seen - mcfg.window), seen)
+        window = window[served_by[window] == serving]
         fig = monitor.compute(monitor.calibrate(cur), x[window], mcfg)
-        true = float((cur.head.probs(x[window]).argmax(1) == y[window]).mean())
+        true = _acc(cur.head, x[window], y[window]) if len(window) else None
         # the served head on the new domain's samples still to come: what adapting bought
         ahead = slice(max(seen, plan.drift_before), len(x))
         true_ahead = (
@@ -341,7 +347,8 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
             {
                 "seen": seen,
                 "version": cur.version,
-                "true": round(true, 4),
+                "n": len(window),
+                "true": None if true is None else round(true, 4),
                 "true_new_domain_ahead": None if true_ahead is None else round(true_ahead, 4),
                 "estimate": fig["estimated_accuracy"],
                 "interval": fig["interval"],
@@ -364,7 +371,14 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
                 }
     store.close()
     _plot(timeline, plan.drift_before, plot)
+    first = timeline[0]["version"] if timeline else None
     return {
+        # the monitor's estimate of the served head against its truth on the same rows,
+        # before and after the adapted head began serving
+        "monitor_error": {
+            when: _errors([r for r in timeline if (r["version"] == first) == (when == "before")])
+            for when in ("before_swap", "after_swap")
+        },
         "stationary_checks": plan.drift_before // plan.drift_chunk,
         "triggers_before_change": sum(f <= plan.drift_before for f in flags),
         "samples_after_change_until_flagged": next(
@@ -374,6 +388,17 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
         "timeline": timeline,
         "last_check": drift.last.get(""),
     }
+
+
+def _errors(rows: list[dict]) -> dict:
+    """Estimate − truth over the checks that have both: checks, MAE, max, bias (fractions)."""
+    e = np.array(
+        [r["estimate"] - r["true"] for r in rows if None not in (r["estimate"], r["true"])]
+    )
+    if not len(e):
+        return {"checks": 0}
+    return {"checks": len(e), "mae": round(float(np.abs(e).mean()), 4),
+            "max": round(float(np.abs(e).max()), 4), "bias": round(float(e.mean()), 4)}  # fmt: skip
 
 
 def load_artifact_current(run: Path):
@@ -390,7 +415,8 @@ def _plot(timeline: list[dict], change: int, path: Path) -> None:
 
     seen = [r["seen"] for r in timeline]
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
-    ax.plot(seen, [r["true"] for r in timeline], "k-", label="true accuracy (window)")
+    true = [np.nan if r["true"] is None else r["true"] for r in timeline]
+    ax.plot(seen, true, "k-", label="true accuracy (window, served version's rows)")
     est = [np.nan if r["estimate"] is None else r["estimate"] for r in timeline]
     low = [np.nan if r["interval"][0] is None else r["interval"][0] for r in timeline]
     high = [np.nan if r["interval"][1] is None else r["interval"][1] for r in timeline]
@@ -626,6 +652,13 @@ def markdown(r: dict) -> str:
         f"before the change; flagged {d['samples_after_change_until_flagged']} samples after "
         f"it; the run it started: `{json.dumps(d['run_after_flag'])}`."
     )
+    for when, e in (d.get("monitor_error") or {}).items():
+        if e.get("checks"):
+            out.append(
+                f"\nThe monitor's estimate of the served head {when.replace('_', ' ')} (on the "
+                f"window's rows that version served): {e['checks']} checks, MAE "
+                f"{100 * e['mae']:.1f} pts, max {100 * e['max']:.1f}, bias {100 * e['bias']:+.1f}."
+            )
     out += ["", "Targets: " + ", ".join(
         f"{k} {'met' if v else 'MISSED'}" for k, v in r["targets"].items())]  # fmt: skip
     return "\n".join(out) + "\n"

@@ -74,18 +74,23 @@ def _prepare(work: Path, per_class: int) -> tuple[Path, Path]:
 # ------------------------------------------------------------------ load generator
 
 
-def load(urls: list[str], body: bytes, concurrency: int, seconds: float) -> list[tuple]:
-    """Closed loop over `urls` (round robin per client): (replica, end time, latency, status,
-    model_version) per request."""
+def load(
+    urls: list[str], body: bytes, concurrency: int, seconds: float, stop: Path | None = None
+) -> list[tuple]:
+    """Closed loop over `urls` (round robin per client) for `seconds` or until the file `stop`
+    exists: (replica, end time, latency, status, model_version) per request."""
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     out: list[tuple] = []
     lock = threading.Lock()
     deadline = time.time() + seconds
 
+    def going() -> bool:
+        return time.time() < deadline and (stop is None or not stop.exists())
+
     def client(k: int) -> None:
         i = k
         conns: dict[int, http.client.HTTPConnection] = {}
-        while time.time() < deadline:
+        while going():
             r = i % len(urls)
             i += 1
             host, port = urls[r].removeprefix("http://").split(":")
@@ -123,17 +128,26 @@ def _load_main(argv: list[str]) -> int:
     p.add_argument("--concurrency", type=int, default=CONCURRENCY)
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--stop", type=Path, help="end early once this file exists")
     a = p.parse_args(argv)
-    body = multipart(a.image.read_bytes(), "image", "image/png")
-    rows = load(a.urls.split(","), body, a.concurrency, a.seconds)
+    body = multipart(a.image.read_bytes(), "image")
+    rows = load(a.urls.split(","), body, a.concurrency, a.seconds, a.stop)
     a.out.write_text(json.dumps(rows))
     return 0
 
 
-def _start_load(urls: list[str], image: Path, seconds: float, out: Path) -> subprocess.Popen:
+def _start_load(
+    urls: list[str],
+    image: Path,
+    seconds: float,
+    out: Path,
+    concurrency: int = CONCURRENCY,
+    stop: Path | None = None,
+) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "benchmarks.fleet", "load", "--urls", ",".join(urls),
         "--image", str(image), "--seconds", str(seconds), "--out", str(out),
+        "--concurrency", str(concurrency), *(["--stop", str(stop)] if stop else []),
     ]  # fmt: skip
     return subprocess.Popen(cmd, cwd=REPO_ROOT)
 

@@ -20,6 +20,14 @@ holds the lead, a PostgreSQL restart under load (down 3 s) → every replica's w
 and its writer committing again, and rows counted before and after: the rows in the database
 never fewer than those committed before the restart, nor than every replica's count of its
 committed samples at the end.
+
+Beside the light replicas, `servers` full `mp2a serve` replicas (the tiny CLIP on ONNX
+Runtime, the same state settings, traffic kept; no adaptation worker of their own: the
+light replicas' workers hold the election) answer a closed-loop load (benchmarks/fleet.py
+`load`, 4 clients) from before the publishes until every replica has reconnected after the
+restart: failed predictions (in all and while PostgreSQL restarts), p50/p99, and publishes →
+both servers answering with the new version, read off the answers. Their traffic rows are
+told from the light replicas' by the replicas' constant confidence (benchmarks/replica.py).
 """
 
 from __future__ import annotations
@@ -37,8 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.fleet import _env as server_env
+from benchmarks.fleet import _latency, _start_load
+from benchmarks.online import online_server
 from benchmarks.pgbouncer import PgBouncer
 from benchmarks.pgserver import PgServer
+from benchmarks.replica import CONFIDENCE
+from benchmarks.serving import bench_image
 from mp2a.errors import Mp2aError
 from online.supervisor import REPO_ROOT
 
@@ -132,7 +145,37 @@ def _prepare(work: Path) -> Path:
         "adapt", "--data", str(data), "--target", "street", "--method", "zeroshot",
         "--out", str(run), "--no-cache", "--quiet",
     )  # fmt: skip
+    _mp2a("export", str(run), "--format", "onnx")  # the full servers' encoder
     return run
+
+
+def _count_servers(dsn: str) -> int:
+    """Traffic rows the full servers wrote (every light replica's sample has CONFIDENCE)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+        sql = "SELECT count(*) FROM traffic WHERE confidence <> %s::real"
+        return int(conn.execute(sql, (CONFIDENCE,)).fetchone()[0])
+
+
+def _server_swaps(rows: list[tuple], commits: list[tuple[str, float]], servers: int) -> dict:
+    """Per publish: ms from the commit until every full server answered with it (or newer)."""
+    per_publish, missed = [], 0
+    for v, t in commits:
+        lags = []
+        for r in range(servers):
+            seen = [row[1] for row in rows if row[0] == r and row[4] and int(row[4]) >= int(v)]
+            if seen:
+                lags.append(max(0.0, min(seen) - t) * 1000)
+            else:
+                missed += 1
+        if len(lags) == servers:
+            per_publish.append(max(lags))
+    return {
+        "per_publish": [round(x, 1) for x in per_publish],
+        "p99": _pct(per_publish, 99),
+        "missed": missed,
+    }
 
 
 def _stats(path: Path) -> dict | None:
@@ -174,7 +217,16 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)), 1) if xs else None
 
 
-def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate: float) -> dict:
+def run_mode(
+    mode: str,
+    work: Path,
+    run: Path,
+    replicas: int,
+    quick: bool,
+    rate: float,
+    servers: int = 2,
+    image: Path | None = None,
+) -> dict:
     from mp2a.head import Head
     from online.state import open_state
 
@@ -186,6 +238,8 @@ def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate:
     procs: dict[int, subprocess.Popen] = {}
     stats_dir = work / mode
     stats_dir.mkdir(parents=True, exist_ok=True)
+    full = contextlib.ExitStack()  # the full servers and their load
+    load_proc: subprocess.Popen | None = None
     try:
         direct = pg.create_db("fleet")
         env = {
@@ -229,6 +283,21 @@ def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate:
         _wait("all replicas ready", lambda: len(alive()) and len(all_stats()) == replicas, 600)
         start_s = time.monotonic() - t_start
         leaders = {_wait("a leader", lambda: _leader_pid(direct), 60)}
+        urls = []
+        for k in range(servers if image is not None else 0):
+            same = ("MP2A_STATE_DIRECT", "MP2A_STATE_LISTEN", "MP2A_SAMPLE_RATE",
+                    "MP2A_STORE_MAX_ROWS")  # fmt: skip
+            senv = server_env(
+                stats_dir, k, env["MP2A_STATE"], MP2A_ONLINE="0",
+                **{key: env[key] for key in same if key in env},
+            )  # fmt: skip
+            if not (run / "export" / "image_encoder.onnx").is_file():
+                senv["MP2A_BACKEND"] = "torch"
+            urls.append(full.enter_context(online_server(run, senv, stats_dir / f"server-{k}.log")))
+        load_out, load_stop = stats_dir / "servers-load.json", stats_dir / "servers-load.stop"
+        if urls:
+            assert image is not None
+            load_proc = _start_load(urls, image, 900, load_out, concurrency=4, stop=load_stop)
         time.sleep(2 if quick else 5)
         peak_start = monitor.reset()  # from here on: the fleet up and under load
 
@@ -285,6 +354,7 @@ def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate:
         survivors = [i for i in alive() if i != victim]
         before = all_stats()
         rows_before = _count(direct)
+        restart_at = time.time()
         pg.restart(down_seconds=3.0)
         back = time.time()
         rows_after_restart = _count(direct)
@@ -304,6 +374,21 @@ def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate:
         time.sleep(1.0)
         leader_after_restart = _wait("a leader after the restart", lambda: _leader_pid(direct), 60)
         leaders.add(leader_after_restart)
+        served_load = None
+        if load_proc is not None:
+            time.sleep(2.0)  # the servers' writers commit again (their queues keep the rest)
+            load_stop.touch()
+            load_proc.wait(120)
+            lrows = [tuple(r) for r in json.loads(load_out.read_text())]
+            during = [r for r in lrows if restart_at <= r[1] <= back + reconnect_s]
+            served_load = {
+                "servers": len(urls),
+                **_latency(lrows),
+                "requests_while_restarting": len(during),
+                "failed_while_restarting": sum(1 for r in during if r[3] != 200),
+                "publish_all_swapped_ms": _server_swaps(lrows, commits, len(urls)),
+            }
+        full.close()  # SIGTERM: the servers' stores write what they queued
 
         # stop: each replica flushes its queue and reports what it committed
         for i in survivors:
@@ -315,6 +400,7 @@ def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate:
         offered = sum(s["offered"] for s in final.values())
         dropped = sum(final[i]["dropped"] for i in survivors)
         rows_end = _count(direct)
+        server_rows = _count_servers(direct) if urls else 0
         monitor.stop()
         state.close()
         per_pid = list(monitor.peak_per_pid.values())
@@ -367,11 +453,17 @@ def run_mode(mode: str, work: Path, run: Path, replicas: int, quick: bool, rate:
                 "offered": offered,
                 "committed_by_replicas": committed,
                 "in_database": rows_end,
-                "committed_rows_lost": max(0, committed - rows_end),
+                "from_full_servers": server_rows,
+                "committed_rows_lost": max(0, committed - (rows_end - server_rows)),
                 "dropped_by_writers": dropped,
             },
+            "full_servers": served_load,
         }
     finally:
+        if load_proc is not None and load_proc.poll() is None:
+            load_proc.kill()
+            load_proc.wait()
+        full.close()
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
@@ -387,20 +479,25 @@ def run(
     work: Path | None = None,
     rate: float = 20.0,
     base: Path | None = None,
+    servers: int = 2,
+    modes: tuple[str, ...] = MODES,
 ) -> dict:
-    """The table; `base`: an artifact to use instead of a zero-shot one made here."""
+    """The table; `base`: an artifact to use instead of a zero-shot one made here; `servers`
+    full servers beside the light replicas (0: none); `modes` a subset of MODES."""
     t_all = time.time()
     with contextlib.ExitStack() as stack:
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mp2a-scale-")))
         work.mkdir(parents=True, exist_ok=True)
         run_dir = base if base is not None else _prepare(work)
-        modes = {}
-        for m in MODES:
-            modes[m] = run_mode(m, work, run_dir, replicas, quick, rate)
-            (work / f"{m}.json").write_text(json.dumps(modes[m], indent=1))
+        image = work / "three.jpg"
+        image.write_bytes(bench_image(64))
+        measured = {}
+        for m in modes:
+            measured[m] = run_mode(m, work, run_dir, replicas, quick, rate, servers, image)
+            (work / f"{m}.json").write_text(json.dumps(measured[m], indent=1))
     targets = {}
-    for m, r in modes.items():
+    for m, r in measured.items():
         c = r["connections"]
         targets[m] = {
             # per replica on its direct sessions; through PgBouncer the server's sessions
@@ -414,12 +511,14 @@ def run(
             "zero_committed_rows_lost": r["rows"]["committed_rows_lost"] == 0
             and r["restart"]["committed_rows_lost_in_restart"] == 0,
         }
+        if r["full_servers"] is not None:
+            targets[m]["zero_failed_predictions_on_full_servers"] = r["full_servers"]["failed"] == 0
     return {
         "bench": "fleet",
         "replicas": replicas,
         "quick": quick,
         "rate_per_replica": rate,
-        "modes": modes,
+        "modes": measured,
         "targets": targets,
         "seconds": round(time.time() - t_all, 1),
         "cpu_count": os.cpu_count(),

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the confidence of every synthetic sample: tells a light replica's rows from a full server's
+CONFIDENCE = 0.9
+
 
 class StandIn:
     """The predictor the watcher drives: the version served and when each one arrived."""
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             for e in x:  # (D,) one served image's embedding
                 offered += 1
-                queued += store.offer(e, int(rng.integers(10)), 0.9, predictor.version)
+                queued += store.offer(e, int(rng.integers(10)), CONFIDENCE, predictor.version)
         if t0 - last_write >= 0.5:
             write()
             last_write = t0

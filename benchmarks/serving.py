@@ -339,15 +339,30 @@ def scrape_batch_stats(url: str) -> tuple[float, float]:
 # ---------------------------------------------------------------- load generator
 
 
+MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
+         (b"BM", "image/bmp"))  # fmt: skip
+
+
+def media_type(data: bytes) -> str:
+    """The image's media type from its first bytes, as a client labels the part it sends
+    (some servers open the upload with the decoder its label names)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((t for magic, t in MAGIC if data.startswith(magic)), "application/octet-stream")
+
+
 def multipart(
-    images: bytes | list[bytes], field: str = "image", content_type: str = "image/jpeg"
+    images: bytes | list[bytes], field: str = "image", content_type: str | None = None
 ) -> bytes:
-    """A multipart/form-data body (boundary BOUNDARY): one part per image, all in `field`."""
+    """A multipart/form-data body (boundary BOUNDARY): one part per image, all in `field`,
+    each labelled with `content_type` or, by default, its own media type."""
     parts = [images] if isinstance(images, bytes) else images
     head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename='
     return (
         b"".join(
-            f'{head}"{i}.img"\r\nContent-Type: {content_type}\r\n\r\n'.encode() + img + b"\r\n"
+            f'{head}"{i}.img"\r\nContent-Type: {content_type or media_type(img)}\r\n\r\n'.encode()
+            + img
+            + b"\r\n"
             for i, img in enumerate(parts)
         )
         + f"--{BOUNDARY}--\r\n".encode()

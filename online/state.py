@@ -126,7 +126,12 @@ class State(Protocol):
     # -- traffic ---------------------------------------------------------------------------
     def open_store(self, dim: int, metrics: ServingMetrics | None = None) -> Any: ...
 
-    def read_traffic(self, limit: int | None, site: str = DEFAULT_SITE) -> np.ndarray: ...
+    def read_traffic(
+        self, limit: int | None, site: str = DEFAULT_SITE, served_by: str | None = None
+    ) -> np.ndarray:
+        """The embeddings of `site`'s newest `limit` samples (all if None), oldest first;
+        with `served_by`, only those of them that version answered."""
+        ...
 
     def traffic_max_id(self, site: str = DEFAULT_SITE) -> int: ...
 
@@ -396,9 +401,11 @@ class FileState:
             dim = load_artifact(self.run).backbone.embed_dim
         return TrafficStore(StoreConfig(path=self.store_path, dim=dim), start=False)
 
-    def read_traffic(self, limit: int | None, site: str = DEFAULT_SITE) -> np.ndarray:
+    def read_traffic(
+        self, limit: int | None, site: str = DEFAULT_SITE, served_by: str | None = None
+    ) -> np.ndarray:
         self._check_site(site)
-        return self._store().read(limit=limit, site=site).embeddings
+        return self._store().read(limit=limit, site=site, served_by=served_by).embeddings
 
     def _peek(self, sql: str, site: str) -> int:
         from online.store import connect

@@ -683,9 +683,11 @@ class TrafficStore:
         since: float | None = None,
         version: str | None = None,
         site: str | None = None,
+        served_by: str | None = None,
     ) -> Traffic:
         """The newest `limit` samples (all if None) served at or after `since` (unix seconds),
-        optionally only those served by `version`; oldest first."""
+        optionally only those served by `version`; oldest first. `served_by`: of those newest
+        `limit`, only the ones that version served (a window, then a filter)."""
         where, args = [], []
         if site is not None:
             where.append("site = ?")
@@ -696,14 +698,18 @@ class TrafficStore:
         if version is not None:
             where.append("version = ?")
             args.append(str(version))
-        sql = "SELECT t, label, confidence, embedding FROM samples"
+        sql = "SELECT id, t, label, confidence, embedding, version FROM samples"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        rows = self._query(sql, args)[::-1]
+        sql = f"SELECT t, label, confidence, embedding FROM ({sql})"
+        if served_by is not None:
+            sql += " WHERE version = ?"
+            args.append(str(served_by))
+        rows = self._query(sql + " ORDER BY id DESC", args)[::-1]
         d = self.config.dim
         emb = np.frombuffer(b"".join(r[3] for r in rows), dtype="<f4").reshape(len(rows), d)
         return Traffic(

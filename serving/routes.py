@@ -114,7 +114,7 @@ class AdaptHistory(BaseModel):
 class MonitorFigures(BaseModel):
     site: str = Field(description="the site ('' = the server's own traffic)")
     version: str = Field(description="the version the figures are about (the served one)")
-    n: int = Field(description="usable samples in the window")
+    n: int = Field(description="usable samples in the window that this version answered")
     estimated_accuracy: float | None = Field(
         description="no labels: estimated; null until enough samples"
     )

@@ -187,3 +187,48 @@ def test_one_image_repeated_neither_fills_the_window_nor_looks_like_drift(street
     assert fig["n"] == len(src) and fig["estimated_accuracy"] is not None
     assert fig["estimated_accuracy"] == monitor.compute(cal, x, cfg)["estimated_accuracy"]
     assert monitor.drift(cal, window, cfg)["drifted"] is False
+
+
+def test_after_a_swap_the_monitor_judges_the_new_head_on_the_traffic_it_served(
+    street_run, tmp_path
+):
+    """A head adapted on the window's traffic is not estimated on those rows: the monitor
+    reads, of the newest window, the rows the served version answered (none yet just after
+    the swap: null figures that say so), through the real state and store."""
+    import shutil
+
+    from mp2a.head import Head
+    from online.monitor import Monitor, MonitorConfig
+    from online.state import FileState
+
+    run = tmp_path / "run"
+    shutil.copytree(street_run, run, ignore=shutil.ignore_patterns("traffic.sqlite*", "versions"))
+    state = FileState(run)
+    cfg = MonitorConfig(window=500, min_samples=20)
+    mon = Monitor(read=state.read_traffic, current=state.load_current, sites=list, cfg=cfg)
+    src = mon._calibrated("").source.features  # the artifact's own labelled source rows
+    store = state.open_store(src.shape[1])
+    half = len(src) // 2
+    for e in src[:half]:
+        assert store.offer(e, 0, 0.9, "1")
+    store.flush(30)
+    assert mon.refresh()["n"] == half >= cfg.min_samples
+    base = state.load_current()
+    v2 = state.publish(
+        Head(base.head.weight.copy(), base.head.logit_scale), {"note": "adapted"}, parent=1,
+        prompts=None, decision=None, method="test", prompt_config=None, rows=None,
+    )  # fmt: skip
+    fig = mon.refresh()
+    assert fig["version"] == str(v2) and fig["n"] == 0 and fig["estimated_accuracy"] is None
+    assert f"served by version {v2}" in fig["reason"], fig
+    for e in src[half:]:
+        assert store.offer(e, 0, 0.9, str(v2))
+    store.flush(30)
+    store.close()
+    fig = mon.refresh()
+    assert (
+        fig["n"] == len(src) - half
+        and fig["estimated_accuracy"] is not None
+        and fig["reason"] is None
+    )
+    state.close()

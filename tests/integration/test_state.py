@@ -386,3 +386,21 @@ def test_the_worker_reads_past_a_burst_of_one_repeated_image(state, run):
     assert len(read_distinct(state, 100, "")) == 190
     # the reach is bounded: one distinct image in a window of 1 reads only the newest row
     assert len(read_distinct(state, 1, "")) == 1 and READ_REACH >= 4
+
+
+def test_the_window_of_one_version_is_the_newest_rows_that_version_served(state, run):
+    """What the monitor reads: the newest `limit` rows first, then those the given version
+    answered (a head is judged on the traffic it served, not on the rows it trained on)."""
+    dim = state.load_current().backbone.embed_dim
+    store = state.open_store(dim)
+    x = np.random.default_rng(2).normal(size=(60, dim)).astype(np.float32)
+    served = ["1"] * 30 + ["2"] * 20 + ["1"] * 10  # a swap to 2, then a rollback to 1
+    for e, v in zip(x, served, strict=True):
+        assert store.offer(e, 0, 0.5, v)
+    store.flush(30)
+    store.close()
+    np.testing.assert_array_equal(state.read_traffic(None, served_by="2"), x[30:50])
+    np.testing.assert_array_equal(state.read_traffic(25, served_by="2"), x[35:50])
+    np.testing.assert_array_equal(state.read_traffic(25, served_by="1"), x[50:])
+    np.testing.assert_array_equal(state.read_traffic(25), x[35:])  # unchanged without it
+    assert state.read_traffic(100, served_by="7").shape == (0, dim)
