@@ -363,6 +363,9 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
                     "seconds": round(time.time() - t0, 2),
                     "n_traffic": st.get("n_traffic"),
                     "gate_gain": (st.get("gate") or {}).get("estimated_gain"),
+                    "gate_gain_raw": (st.get("gate") or {}).get("estimated_gain_raw"),
+                    "gate_gain_bias_on_sources": (st.get("gate") or {}).get("gain_bias_on_sources"),
+                    "gate_gain_correction": cfg.gate.gain_correction,
                     # the new domain's samples after this point, before and after the run
                     "true_ahead_before": round(_acc(before, x[ahead], y[ahead]), 4)
                     if ahead.start < len(x)
@@ -376,7 +379,9 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
         # the monitor's estimate of the served head against its truth on the same rows,
         # before and after the adapted head began serving
         "monitor_error": {
-            when: _errors([r for r in timeline if (r["version"] == first) == (when == "before")])
+            when: _errors(
+                [r for r in timeline if (r["version"] == first) == (when == "before_swap")]
+            )
             for when in ("before_swap", "after_swap")
         },
         "stationary_checks": plan.drift_before // plan.drift_chunk,
@@ -647,11 +652,19 @@ def markdown(r: dict) -> str:
         )
     d = r["drift"]
     out += ["", "## Drift run (printed, then lcd; docs/drift.png)", ""]
+    if r.get("drift_rerun_note"):
+        out += [f"({r['drift_rerun_note']}.)", ""]
     out.append(
         f"{d['stationary_checks']} stationary checks, {d['triggers_before_change']} triggers "
         f"before the change; flagged {d['samples_after_change_until_flagged']} samples after "
         f"it; the run it started: `{json.dumps(d['run_after_flag'])}`."
     )
+    if r.get("drift_default_gate"):
+        dd = r["drift_default_gate"]
+        out.append(
+            f"\nUnder the default gate (the gain less its source bias) the same run: "
+            f"`{json.dumps(dd['run_after_flag'])}`."
+        )
     for when, e in (d.get("monitor_error") or {}).items():
         if e.get("checks"):
             out.append(
