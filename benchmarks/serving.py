@@ -68,6 +68,7 @@ VARIANTS = {
     "ort-int8": ("ort", "int8"),
     "torch": ("torch", "fp32"),
     "bare": ("bare", "fp32"),
+    "bare-int8": ("bare", "int8"),  # the reference for a service on the int8 encoder
     "ort-bentoml": ("ort", "fp32"),
     "ort-2-workers": ("ort", "fp32"),
     "ort-int8-bentoml": ("ort", "int8"),
@@ -105,7 +106,7 @@ MODELS = {
         "random",
         ("ort", "ort-bentoml", "ort-int8", "ort-int8-bentoml", "ort-2-workers", "bare", "torch"),
         (Level(1, 10, 12.0), Level(8, 40, 25.0), Level(32, 80, 30.0)),
-        ("ort-int8", "ort-int8-full-decode", "bare"),
+        ("ort-int8", "ort-int8-full-decode", "bare-int8"),
         (Level(1, 6, 8.0), Level(8, 24, 15.0), Level(32, 48, 20.0)),
     ),
 }
@@ -485,7 +486,7 @@ def _measure(url: str, variant: str, image: Path, levels: tuple[Level, ...]) -> 
     run_load_process(url, image, Level(2, 6, 30.0))  # warm-up: first calls, allocations
     rows = []
     for level in levels:
-        if variant not in VARIANTS or variant == "bare":  # no mp2a metrics to read
+        if variant not in VARIANTS or VARIANTS[variant][0] == "bare":  # no mp2a metrics
             rows.append(run_load_process(url, image, level))
             continue
         s0, c0 = scrape_batch_stats(url)
@@ -619,11 +620,15 @@ def _summary(results: dict) -> dict:
     for model, by_workload in results.items():
         row: dict = {}
         for name, r in by_workload.items():
-            if not isinstance(r, dict) or "bare" not in r:
+            if not isinstance(r, dict) or not {"bare", "bare-int8"} & set(r):
                 continue
             svc_name = "ort" if "ort" in r else "ort-int8"
             before = f"{svc_name}-full-decode"
-            for level in r["bare"]:
+            # the reference on the service's own encoder (fp32 or int8)
+            ref = "bare-int8" if svc_name == "ort-int8" and "bare-int8" in r else "bare"
+            if ref not in r or svc_name not in r:  # a narrowed run: nothing to compare
+                continue
+            for level in r[ref]:
                 c = level["concurrency"]
                 svc = _at(r[svc_name], c)
                 rps = svc["requests_per_s"]

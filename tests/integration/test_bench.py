@@ -176,3 +176,21 @@ def test_bench_serving_photo_workloads_read_a_relative_imagefolder(tmp_path, mon
     files = sorted(out["dslr"].iterdir())
     assert len(files) == 6
     assert all(f.is_file() and Image.open(f).size == (40, 30) for f in files)
+
+
+def test_bench_serving_compares_an_int8_service_with_the_int8_reference():
+    """The summary's reference runs the service's own encoder: an int8 service is compared
+    with the int8 reference when it was measured, and a narrowed run without the service
+    is skipped rather than failing the whole benchmark."""
+    from benchmarks.serving import _summary
+
+    def rows(rps: float) -> list[dict]:
+        return [{"concurrency": c, "requests_per_s": rps, "p50_ms": 10.0, "p99_ms": 20.0}
+                for c in (1, 8, 32)]  # fmt: skip
+
+    both = {"ort-int8": rows(4.0), "bare": rows(2.0), "bare-int8": rows(5.0)}
+    s = _summary({"ViT-B-16": {"dslr": both}})["ViT-B-16"]
+    assert s["dslr_service_vs_bare_throughput_c8"] == 0.8  # 4 / 5, not 4 / 2
+    fp32_only = {"ort-int8": rows(4.0), "bare": rows(2.0)}
+    assert _summary({"m": {"dslr": fp32_only}})["m"]["dslr_service_vs_bare_throughput_c8"] == 2.0
+    assert _summary({"m": {"dslr": {"bare-int8": rows(5.0)}}}) == {"m": {}}
