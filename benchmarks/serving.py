@@ -340,16 +340,13 @@ def scrape_batch_stats(url: str) -> tuple[float, float]:
 # ---------------------------------------------------------------- load generator
 
 
-MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
-         (b"BM", "image/bmp"))  # fmt: skip
-
-
 def media_type(data: bytes) -> str:
-    """The image's media type from its first bytes, as a client labels the part it sends
-    (some servers open the upload with the decoder its label names)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return next((t for magic, t in MAGIC if data.startswith(magic)), "application/octet-stream")
+    """The image's media type from its magic bytes (the service's own sniffing), as a client
+    labels the part it sends: some servers open the upload with the decoder its label names."""
+    from serving.decode import sniff
+
+    fmt = sniff(data)
+    return f"image/{fmt.lower()}" if fmt else "application/octet-stream"
 
 
 def multipart(

@@ -1019,14 +1019,17 @@ class PgState:
         self, limit: int | None, site: str = DEFAULT_SITE, served_by: str | None = None
     ) -> np.ndarray:
         dim = self.base.backbone.embed_dim
-        sql = "SELECT id, embedding, version FROM traffic WHERE site = %s ORDER BY id DESC LIMIT %s"
+        sql = "SELECT embedding FROM traffic WHERE site = %s ORDER BY id DESC LIMIT %s"
         args: list = [site, limit]
-        if served_by is not None:  # the window first, then the version's rows in it
-            sql = f"SELECT id, embedding FROM ({sql}) w WHERE version = %s ORDER BY id DESC"
+        if served_by is not None:  # the window first, then that version's rows in it
+            sql = (
+                "SELECT embedding FROM (SELECT id, embedding, version FROM traffic WHERE site = %s"
+                " ORDER BY id DESC LIMIT %s) w WHERE version = %s ORDER BY id DESC"
+            )
             args.append(str(served_by))
         with self._db() as conn:
             rows = conn.execute(sql, args).fetchall()
-        blob = b"".join(bytes(r[1]) for r in reversed(rows))
+        blob = b"".join(bytes(r[0]) for r in reversed(rows))
         return np.frombuffer(blob, dtype="<f4").reshape(len(rows), dim).astype(np.float32)
 
     def traffic_max_id(self, site: str = DEFAULT_SITE) -> int:

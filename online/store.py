@@ -705,11 +705,10 @@ class TrafficStore:
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
-        sql = f"SELECT t, label, confidence, embedding FROM ({sql})"
-        if served_by is not None:
-            sql += " WHERE version = ?"
+        if served_by is not None:  # the window first, then that version's rows in it
+            sql = f"SELECT * FROM ({sql}) WHERE version = ? ORDER BY id DESC"
             args.append(str(served_by))
-        rows = self._query(sql + " ORDER BY id DESC", args)[::-1]
+        rows = [r[1:5] for r in self._query(sql, args)[::-1]]  # (t, label, confidence, emb)
         d = self.config.dim
         emb = np.frombuffer(b"".join(r[3] for r in rows), dtype="<f4").reshape(len(rows), d)
         return Traffic(

@@ -194,3 +194,14 @@ def test_bench_serving_compares_an_int8_service_with_the_int8_reference():
     fp32_only = {"ort-int8": rows(4.0), "bare": rows(2.0)}
     assert _summary({"m": {"dslr": fp32_only}})["m"]["dslr_service_vs_bare_throughput_c8"] == 2.0
     assert _summary({"m": {"dslr": {"bare-int8": rows(5.0)}}}) == {"m": {}}
+
+
+def test_bench_load_labels_each_part_with_its_own_media_type():
+    """A PNG sent as image/jpeg fails on servers that trust the label (BentoML's PIL input):
+    the load generator labels each part as the image is."""
+    from benchmarks.serving import bench_image, multipart, screenshot_png
+
+    body = multipart([bench_image(32), screenshot_png()])
+    assert body.count(b"Content-Type: image/jpeg") == 1
+    assert body.count(b"Content-Type: image/png") == 1
+    assert b"Content-Type: image/png" in multipart(screenshot_png(), "image", "image/png")
