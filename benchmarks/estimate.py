@@ -47,6 +47,16 @@ DIGITS = ("printed", "handwritten", "textured", "street")
 SHIFT = ("lcd", "dotmatrix")
 HARMFUL = ("letters", "noise")
 MIXED = "mixed"  # lcd with `mixed_share` letters
+# held-out styles: corruptions of a domain's stream images that no estimator, gate rule or
+# constant was chosen on (`python -m benchmarks.estimate --heldout`); style: the domain whose
+# images it corrupts. The first `per_class` images of each class make the style's artifact
+# data (the mp2a-t base's target), the rest its stream.
+HELDOUT = {
+    "blur": "printed",  # an out-of-focus camera: Gaussian blur, low contrast, pixel noise
+    "negative": "street",  # colours inverted: a negative, an inverted display
+    "rotated": "handwritten",  # a tilted camera: 20-40 degrees either way
+    "pixelated": "dotmatrix",  # a cheap webcam: down to 12 px and back, JPEG quality 25
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,11 @@ class EstimatePlan:
     drift_after: int = 1000  # lcd samples after it
     drift_chunk: int = 50  # samples between checks
     drift_adapt_after: int = 400  # the drift run waits for, and adapts on, this many new ones
+
+    @classmethod
+    def heldout(cls) -> EstimatePlan:
+        """The held-out styles alone (both bases), and the drift run."""
+        return cls(streams=tuple(HELDOUT), sizes=(300, 1000, 3000))
 
     @classmethod
     def quick(cls) -> EstimatePlan:
@@ -88,7 +103,42 @@ def _mp2a(*args: str) -> None:
 
 def _base_domain(stream: str) -> str:
     """The domain the stream's artifact is made for (harmful streams reuse lcd's)."""
-    return stream if stream in DIGITS + SHIFT else "lcd"
+    return stream if stream in (*DIGITS, *SHIFT, *HELDOUT) else "lcd"
+
+
+def corrupt(style: str, img, rng: np.random.Generator):
+    """One image in a held-out style (HELDOUT), as an RGB PIL image."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    img = img.convert("RGB")
+    if style == "blur":
+        a = np.asarray(img.filter(ImageFilter.GaussianBlur(1.1)), np.float32)
+        a = 128 + 0.55 * (a - 128) + rng.normal(0, 14, a.shape)
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if style == "negative":
+        return ImageOps.invert(img)
+    if style == "rotated":
+        angle = rng.uniform(20, 40) * rng.choice([-1, 1])
+        return img.rotate(angle, resample=Image.BICUBIC, fillcolor=img.getpixel((0, 0)))
+    if style == "pixelated":
+        small = img.resize((12, 12), Image.BOX).resize(img.size, Image.NEAREST)
+        buf = io.BytesIO()
+        small.save(buf, "JPEG", quality=25)
+        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    raise ValueError(f"unknown held-out style {style!r}: choose {', '.join(HELDOUT)}")
+
+
+def _corrupt_domain(style: str, stream_data: Path, data: Path, per_class: int) -> None:
+    """stream_data/<origin> in `style`: per class the first `per_class` images into
+    data/<style> (the artifacts' target), the rest into stream_data/<style>."""
+    from PIL import Image
+
+    rng = np.random.default_rng(sorted(HELDOUT).index(style))
+    for cls_dir in sorted(p for p in (stream_data / HELDOUT[style]).iterdir() if p.is_dir()):
+        for i, f in enumerate(sorted(cls_dir.iterdir())):
+            out = (data if i < per_class else stream_data) / style / cls_dir.name / f.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            corrupt(style, Image.open(f), rng).save(out)
 
 
 def _sources(target: str) -> list[str]:
@@ -117,7 +167,12 @@ def _prepare(plan: EstimatePlan, work: Path) -> dict:
 
 def _prepare_anew(plan: EstimatePlan, work: Path) -> dict:
     targets = sorted({_base_domain(s) for s in plan.streams} | {"printed"})  # printed: drift
-    embedded = sorted({s for s in plan.streams if s in DIGITS + SHIFT} | {"printed", "lcd"})
+    heldout = [s for s in plan.streams if s in HELDOUT]
+    embedded = sorted(
+        {s for s in plan.streams if s in DIGITS + SHIFT}
+        | {HELDOUT[s] for s in heldout}
+        | {"printed", "lcd"}
+    )
     data, stream_data = work / "digits", work / "stream"
     _mp2a(
         "data",
@@ -127,7 +182,7 @@ def _prepare_anew(plan: EstimatePlan, work: Path) -> dict:
         "--per-class",
         str(plan.per_class),
         "--domains",
-        ",".join(sorted(set(DIGITS) | set(targets))),
+        ",".join(sorted(set(DIGITS) | set(targets) - set(HELDOUT))),
     )
     _mp2a(
         "data",
@@ -141,6 +196,8 @@ def _prepare_anew(plan: EstimatePlan, work: Path) -> dict:
         "--domains",
         ",".join(embedded),
     )
+    for style in heldout:
+        _corrupt_domain(style, stream_data, data, plan.per_class)
     for base in plan.bases:
         for t in targets:
             args = [
@@ -269,6 +326,9 @@ def _case(
         reasons=decision["reasons"],
         estimated_gain=decision.get("estimated_gain"),
         estimated_gain_interval=decision.get("estimated_gain_interval"),
+        estimated_gain_raw=decision.get("estimated_gain_raw"),
+        gain_corrected=decision.get("gain_corrected"),
+        serving_adapted=decision.get("serving_adapted"),
         estimate_candidate=decision.get("estimate_candidate"),
         gain_bias_on_sources=decision.get("gain_bias_on_sources"),
         guards_passed=decision.get("guards_passed"),
@@ -442,6 +502,33 @@ def _plot(timeline: list[dict], change: int, path: Path) -> None:
     plt.close(fig)
 
 
+def _kind(c: dict) -> str:
+    """A case by its true gain: gain>=2, loss>=1, small (in between) or harmful."""
+    g = c["true_gain"]
+    if c["stream"] in HARMFUL or g is None:
+        return "harmful"
+    return "gain>=2" if g >= 0.02 else "loss>=1" if g <= -0.01 else "small"
+
+
+def decide(c: dict, rule: str) -> bool:
+    """The gate's decision on a recorded case under gain rule `rule` (online/gate.py
+    `gain_correction`): the same guards, the plain gain less its source bias or not. A case
+    recorded before the rule was (no `serving_adapted`) is adapted unless its base is
+    zero-shot."""
+    from online import gate
+
+    b, eg = c.get("gain_bias_on_sources"), c.get("estimated_gain")
+    iv = c.get("estimated_gain_interval") or [None, None]
+    if not c.get("guards_passed") or eg is None or iv[0] is None:
+        return False
+    undo = b[0] if c.get("gain_corrected") and b is not None else 0.0
+    raw, raw_low = eg + undo, iv[0] + undo
+    adapted = c.get("serving_adapted", c.get("base") != "zeroshot")
+    correct = rule == "sources" or (rule == "auto" and adapted is not False)
+    less = b[0] if correct and b is not None else 0.0
+    return raw - less >= gate.GateConfig().min_gain and raw_low - less > 0
+
+
 def _summary(cases: list[dict]) -> dict:
     """Error tables and the gate's confusion against the truth."""
     from online import estimate, gate
@@ -477,28 +564,14 @@ def _summary(cases: list[dict]) -> dict:
         "harmful_accepted": 0,
         "harmful_rejected": 0,
     }
-    corrected: dict[str, int] = {k: 0 for k in confusion}
-    gain_min = gate.GateConfig().min_gain
+    by_rule = {rule: dict.fromkeys(confusion, 0) for rule in gate.GAIN_CORRECTIONS}
     for c in cases:
-        verdict = "accepted" if c["accepted"] else "rejected"
-        g = c["true_gain"]
-        kind = (
-            "harmful"
-            if c["stream"] in HARMFUL
-            else "gain>=2"
-            if g >= 0.02
-            else "loss>=1"
-            if g <= -0.01
-            else "small"
-        )
-        confusion[f"{kind}_{verdict}"] += 1
-        # the same guards, the gain less its bias on the sources (online/estimate.py
-        # gain_bias_on_sources): measured beside the gate's decision, not part of it
-        b, iv = c.get("gain_bias_on_sources"), c.get("estimated_gain_interval") or [None] * 2
-        if b is not None and c.get("guards_passed") is not None and iv[0] is not None:
-            alt = c["guards_passed"] and c["estimated_gain"] - b[0] >= gain_min and iv[0] - b[0] > 0
-            key = f"{kind}_{'accepted' if alt else 'rejected'}"
-            corrected[key] = corrected.get(key, 0) + 1
+        kind = _kind(c)
+        confusion[f"{kind}_{'accepted' if c['accepted'] else 'rejected'}"] += 1
+        # every rule of the gain (online/gate.py gain_correction) on the same figures and
+        # guards: measured beside the gate's decision, not part of it
+        for rule, tally in by_rule.items():
+            tally[f"{kind}_{'accepted' if decide(c, rule) else 'rejected'}"] += 1
     # the mixed stream against its clean stream (lcd): where the clean one gains
     clean = {(c["base"], c["n"]): c for c in cases if c["stream"] == "lcd"}
     mixed = []
@@ -520,7 +593,8 @@ def _summary(cases: list[dict]) -> dict:
         "estimator_error": table,
         "default_interval_coverage": round(float(np.mean(covered)), 4) if covered else None,
         "gate_confusion": confusion,
-        "gate_confusion_gain_less_source_bias": corrected,
+        "gate_confusion_by_rule": by_rule,
+        "gate_confusion_gain_less_source_bias": by_rule["sources"],
         "mixed_vs_clean": mixed,
     }
 
@@ -555,7 +629,8 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
                         n,
                         {k: row[k] for k in ("true_gain", "accepted", "estimated_gain")},
                     )
-        plot = work / "drift.png" if quick else REPO_ROOT / "docs" / "drift.png"
+        full = plan == EstimatePlan()
+        plot = REPO_ROOT / "docs" / "drift.png" if full else work / "drift.png"
         drift = _drift(plan, work / f"{plan.bases[0]}-printed", streams, work, cfg, plot)
     finally:
         if own:
@@ -677,9 +752,14 @@ def markdown(r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":  # python -m benchmarks.estimate [--quick | --markdown RESULT.json]
+if __name__ == "__main__":
+    # python -m benchmarks.estimate [--quick | --heldout [WORK] | --markdown RESULT.json]
     if sys.argv[1:2] == ["--markdown"]:
         print(markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
         sys.exit(0)
     logging.basicConfig(level=logging.INFO)
+    if sys.argv[1:2] == ["--heldout"]:
+        keep = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+        print(json.dumps(run(plan=EstimatePlan.heldout(), work=keep)))
+        sys.exit(0)
     print(json.dumps(run(quick="--quick" in sys.argv)))

@@ -33,7 +33,7 @@ WORKER_SETTINGS = (
 METHOD_SETTING = ("MP2A_ADAPT_METHOD", "--method", ("mp2a-t", "mp2a"))
 CHOICE_SETTINGS = (
     METHOD_SETTING,
-    ("MP2A_GATE_GAIN_CORRECTION", "--gate-gain-correction", ("sources", "none")),
+    ("MP2A_GATE_GAIN_CORRECTION", "--gate-gain-correction", ("auto", "sources", "none")),
 )
 
 

@@ -414,10 +414,13 @@ def train_and_gate(
     on_stage: Callable[[int, int], None] | None = None,
     on_gate: Callable[[int], None] | None = None,
     in_set: np.ndarray | None = None,
+    traffic_changed: bool = False,
 ) -> tuple[Candidate, dict, dict]:
     """A run on arrays: train a candidate on all but the held-out slice of `traffic` (and of
     the source rows), then the gate on the held-out slices. `in_set` (prepare_traffic): rows
-    kept out of training and of the gain estimate, not of the stream's guards.
+    kept out of training and of the gain estimate, not of the stream's guards;
+    `traffic_changed`: the traffic is not what the served head was adapted on (a drift run),
+    for the gate's `gain_correction="auto"` (gate.adapted_to_traffic).
     (candidate, decision, sizes)."""
     sf = served.tensors(SOURCE_FEATURES_FILE)
     src_x, src_y = sf["features"].astype(np.float32), sf["labels"].astype(np.int64)
@@ -443,6 +446,7 @@ def train_and_gate(
         candidate_prompts=cand.prompt_head,
         source_domains=src_d[src_hold],
         stream=traffic[tr_hold],
+        serving_adapted=gate.adapted_to_traffic(served.manifest.get("head_rows"), traffic_changed),
     )
     sizes = {"n_traffic_train": len(target), "n_source_train": int((~src_hold).sum())}
     return cand, decision, sizes
@@ -480,8 +484,9 @@ def _adapt(state: State, cfg: WorkerConfig, base: dict, t0: float, site: str) ->
         progress = {"phase": "gate", "stage": stages, "stages": stages}
         state.write_status({"state": "running", **base, "progress": progress}, site)
 
+    drift_run = (base.get("request") or {}).get("trigger") == "drift"
     cand, decision, split = train_and_gate(
-        served, traffic, cfg, base_template, on_stage, on_gate, in_set
+        served, traffic, cfg, base_template, on_stage, on_gate, in_set, traffic_changed=drift_run
     )
     figures = {
         "serving_version": served.version,

@@ -156,6 +156,9 @@ def test_a_genuine_shift_is_adapted_to_accepted_and_really_better(tmp_path, shif
     assert status["state"] == "accepted", status["reasons"]
     g = status["gate"]
     assert g["estimated_gain"] >= 0.01 and g["class_structure"] > 0.65
+    # a zero-shot head's first adaptation is judged on the plain gain (gain_correction auto)
+    assert g["serving_adapted"] is False and not g["gain_corrected"]
+    assert g["estimated_gain"] == g["estimated_gain_raw"]
     art = versions.load_version(run, 2)
     assert [r["kind"] for r in art.manifest["head_rows"]] == ["prompt", "prompt", "prototype"]
     assert art.manifest["method"] == "online-mp2a-t"
@@ -164,6 +167,14 @@ def test_a_genuine_shift_is_adapted_to_accepted_and_really_better(tmp_path, shif
     after = (art.head.probs(emb).argmax(1) == labels).mean()
     print(f"\nhandwritten traffic: {100 * before:.1f} -> {100 * after:.1f} % (labels unused)")
     assert after > before + 0.02
+    # the adapted head re-adapted on the same traffic: the gain less its source bias; a run
+    # the drift trigger started (the traffic changed since): the plain gain again
+    for trigger, adapted in (("schedule", True), ("drift", False)):
+        again = worker.run_once(FileState(run, store), CFG, request={"trigger": trigger})
+        assert again["serving_version"] >= 2 and again["gate"]["serving_adapted"] is adapted
+        raw, bias = again["gate"]["estimated_gain_raw"], again["gate"]["gain_bias_on_sources"][0]
+        corrected = round(raw - bias, 4) if adapted else raw
+        assert again["gate"]["estimated_gain"] == pytest.approx(corrected, abs=1e-4), trigger
 
 
 def test_a_version_published_without_prompts_or_template_starts_from_the_base_prompt(
@@ -328,7 +339,10 @@ def test_bad_worker_settings_in_the_environment_are_one_line_errors(tmp_path):
         ({"MP2A_ADAPT_MIN_SAMPLES": "0"}, "MP2A_ADAPT_MIN_SAMPLES must be a positive integer"),
         ({"MP2A_ADAPT_METHOD": "magic"}, "MP2A_ADAPT_METHOD must be one of mp2a-t, mp2a"),
         ({"MP2A_GATE_MIN_GAIN": "-1"}, "MP2A_GATE_MIN_GAIN must be a non-negative number"),
-        ({"MP2A_GATE_GAIN_CORRECTION": "x"}, "MP2A_GATE_GAIN_CORRECTION must be one of sources"),
+        (
+            {"MP2A_GATE_GAIN_CORRECTION": "x"},
+            "MP2A_GATE_GAIN_CORRECTION must be one of auto, sources, none",
+        ),
         ({"MP2A_DRIFT_ADAPT_AFTER": "0"}, "MP2A_DRIFT_ADAPT_AFTER='0' is not a whole number"),
     ]:
         with pytest.raises(Mp2aError, match=says):

@@ -195,5 +195,24 @@ def test_a_candidate_that_is_only_more_confident_is_no_gain(world):
     assert bias > 0.01 and fixed["estimated_gain"] == pytest.approx(plain["estimated_gain"] - bias)
     assert abs(fixed["estimated_gain"]) < 0.01 and not fixed["accepted"]
     assert any("not clearly above zero" in r for r in fixed["reasons"])
+    # "auto" (the default) corrects a re-adaptation (or unknown), not a first adaptation
+    assert fixed["gain_corrected"] and fixed["serving_adapted"] is None
+    again = gate.evaluate(serving, bolder, xs, ys, xt, source_domains=doms, serving_adapted=True)
+    assert again["estimated_gain"] == fixed["estimated_gain"] and not again["accepted"]
+    first = gate.evaluate(serving, bolder, xs, ys, xt, source_domains=doms, serving_adapted=False)
+    assert not first["gain_corrected"] and first["estimated_gain"] == plain["estimated_gain"]
+    always = gate.GateConfig(gain_correction="sources")
+    forced = gate.evaluate(serving, bolder, xs, ys, xt, always, source_domains=doms,
+                           serving_adapted=False)  # fmt: skip
+    assert forced["gain_corrected"] and forced["estimated_gain"] == fixed["estimated_gain"]
     with pytest.raises(ValueError, match="gain_correction"):
         gate.GateConfig(gain_correction="magic")
+
+
+def test_a_head_is_adapted_to_its_traffic_when_it_has_a_prototype_row_and_no_change_since():
+    zero_shot = [{"kind": "prompt", "template": "a photo of the number {}."}]
+    adapted = [{"kind": "prompt", "source": "a"}, {"kind": "prototype", "target": "traffic"}]
+    assert not gate.adapted_to_traffic(zero_shot)
+    assert not gate.adapted_to_traffic(None) and not gate.adapted_to_traffic([])
+    assert gate.adapted_to_traffic(adapted)
+    assert not gate.adapted_to_traffic(adapted, traffic_changed=True)  # a drift run
