@@ -9,11 +9,12 @@ held-out traffic, by COT (confidence optimal transport, Lu et al., NeurIPS 2023)
 at the serving head's temperature, with an 80 % paired bootstrap interval
 (online/estimate.py `paired_gain`). Accept when the gain is at least `min_gain` and its
 interval's low end is above 0. When the serving head was **already adapted to this traffic**
-(`adapted_to_traffic`: it has a prototype row fitted to target traffic, an mp2a-t artifact or
-an earlier online run, and the run was not started by a change of traffic), the gain is first
-lessened by its overstatement on the source folds (`estimate.gain_bias_on_sources`: each
-source domain in turn plays the traffic, and the estimated gain there is compared with the
-true one); on a first adaptation (a zero-shot head, or a drift run) the plain gain decides.
+(`adapted_to_traffic`: it was made by a method that fits target images, an mp2a or mp2a-t
+artifact or an earlier online run, and the run was not started by a change of traffic), the
+gain is first lessened by its overstatement on the source folds
+(`estimate.gain_bias_on_sources`: each source domain in turn plays the traffic, and the
+estimated gain there is compared with the true one); on a first adaptation (a zero-shot or
+source-only head, or a drift run) the plain gain decides.
 That is `gain_correction="auto"`, the default; "sources" always corrects, "none" never.
 
 Why: a candidate trained on the traffic grows more confident everywhere and COT reads
@@ -93,12 +94,26 @@ class GateConfig:
 GAIN_CORRECTIONS = ("auto", "sources", "none")
 
 
-def adapted_to_traffic(rows: list[dict] | None, traffic_changed: bool = False) -> bool:
-    """Whether a head with manifest `head_rows` was already adapted to the traffic it serves:
-    it has a prototype row (fitted to target traffic: an mp2a-t artifact, any online run)
-    and the traffic has not changed since (`traffic_changed`: a run the drift trigger
-    started). A zero-shot or prompt-only head has never seen target traffic."""
-    return not traffic_changed and any((r or {}).get("kind") == PROTOTYPE for r in rows or [])
+# adapt/run.py METHODS that fit a head to target images (pseudo-labels, a prototype row), and
+# those that never saw any; an online run ("online-<method>") was trained on its traffic
+TARGET_METHODS = ("transductive", "oneshot", "mp2a", "mp2a-t")
+UNADAPTED_METHODS = ("zeroshot", "source-only")
+
+
+def adapted_to_traffic(manifest: dict, traffic_changed: bool = False) -> bool:
+    """Whether the head of a version with this manifest was already adapted to the traffic it
+    serves: made by a method that fits target images (TARGET_METHODS, or any online run) and
+    the traffic has not changed since (`traffic_changed`: a run the drift trigger started).
+    A zero-shot or source-only head has never seen target traffic. A method this does not
+    know (a version published by hand) counts as adapted when its head has a prototype row."""
+    if traffic_changed:
+        return False
+    method = str(manifest.get("method") or "")
+    if method.startswith("online-") or method in TARGET_METHODS:
+        return True
+    if method in UNADAPTED_METHODS:
+        return False
+    return any((r or {}).get("kind") == PROTOTYPE for r in manifest.get("head_rows") or [])
 
 
 def _source_structure(x: np.ndarray, probs: np.ndarray, n: int, draws: int = 5) -> float:

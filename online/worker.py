@@ -446,7 +446,7 @@ def train_and_gate(
         candidate_prompts=cand.prompt_head,
         source_domains=src_d[src_hold],
         stream=traffic[tr_hold],
-        serving_adapted=gate.adapted_to_traffic(served.manifest.get("head_rows"), traffic_changed),
+        serving_adapted=gate.adapted_to_traffic(served.manifest, traffic_changed),
     )
     sizes = {"n_traffic_train": len(target), "n_source_train": int((~src_hold).sum())}
     return cand, decision, sizes

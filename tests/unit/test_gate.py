@@ -209,10 +209,17 @@ def test_a_candidate_that_is_only_more_confident_is_no_gain(world):
         gate.GateConfig(gain_correction="magic")
 
 
-def test_a_head_is_adapted_to_its_traffic_when_it_has_a_prototype_row_and_no_change_since():
-    zero_shot = [{"kind": "prompt", "template": "a photo of the number {}."}]
-    adapted = [{"kind": "prompt", "source": "a"}, {"kind": "prototype", "target": "traffic"}]
-    assert not gate.adapted_to_traffic(zero_shot)
-    assert not gate.adapted_to_traffic(None) and not gate.adapted_to_traffic([])
-    assert gate.adapted_to_traffic(adapted)
-    assert not gate.adapted_to_traffic(adapted, traffic_changed=True)  # a drift run
+def test_a_head_is_adapted_to_its_traffic_when_made_on_target_images_and_no_change_since():
+    from adapt.run import METHODS
+
+    assert set(gate.TARGET_METHODS) | set(gate.UNADAPTED_METHODS) == set(METHODS)
+    for method in ("zeroshot", "source-only"):
+        assert not gate.adapted_to_traffic({"method": method})
+    for method in ("mp2a", "mp2a-t", "oneshot", "transductive", "online-mp2a-t"):
+        assert gate.adapted_to_traffic({"method": method})
+        assert not gate.adapted_to_traffic({"method": method}, traffic_changed=True)  # drift
+    # a version published by hand: by its head rows
+    prototype = [{"kind": "prompt", "source": "a"}, {"kind": "prototype", "target": "traffic"}]
+    assert gate.adapted_to_traffic({"method": "by-hand", "head_rows": prototype})
+    assert not gate.adapted_to_traffic({"method": "by-hand", "head_rows": prototype[:1]})
+    assert not gate.adapted_to_traffic({})
