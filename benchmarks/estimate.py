@@ -23,7 +23,6 @@ frozen encoder. The figures are one JSON object; `targets` says which targets we
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import itertools
 import json
@@ -387,7 +386,7 @@ def _drift(plan: EstimatePlan, run: Path, streams: dict, work: Path, cfg, plot: 
         if settings is not None:
             before = load_artifact_current(run).head
             since = state.traffic_max_id("")
-            run_cfg = dataclasses.replace(cfg, **worker.request_overrides(settings))
+            run_cfg = worker.with_settings(cfg, worker.request_overrides(settings))
             done.append(worker.run_once(state, run_cfg, request={"trigger": "drift"}))
         cur = load_artifact_current(run)
         serving = str(cur.version)

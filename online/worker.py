@@ -98,6 +98,9 @@ REQUEST_SETTINGS: dict[str, tuple[int, int] | tuple[str, ...]] = {
     "steps_per_stage": (1, 100_000),
     "max_samples": (1, 1_000_000),
     "min_samples": (1, 1_000_000),
+    # the gate's rule for this run (gate.GateConfig.gain_correction): "none" when the operator
+    # knows the site's traffic is new to an adapted head (no drift run saw the change)
+    "gain_correction": gate.GAIN_CORRECTIONS,
 }
 
 
@@ -124,6 +127,15 @@ def request_overrides(body: object) -> dict[str, int | str]:
                 raise ValueError(f"{k} must be an integer in {low}..{top}, got {v!r}")
         out[k] = v
     return out
+
+
+def with_settings(cfg: WorkerConfig, overrides: Mapping[str, int | str]) -> WorkerConfig:
+    """`cfg` with a request's checked settings (request_overrides) applied, the gate's too."""
+    rest = dict(overrides)
+    if "gain_correction" in rest:
+        gate_cfg = dataclasses.replace(cfg.gate, gain_correction=rest.pop("gain_correction"))
+        cfg = dataclasses.replace(cfg, gate=gate_cfg)
+    return dataclasses.replace(cfg, **rest)
 
 
 DECISION_FIELDS = (
@@ -731,7 +743,7 @@ def loop(
             last_id[site] = state.traffic_max_id(site)
         request = {"trigger": reason, **(req or {})}
         try:  # the server checked them; a hand-written request may not have been
-            run_cfg = dataclasses.replace(cfg, **request_overrides(request.get("settings")))
+            run_cfg = with_settings(cfg, request_overrides(request.get("settings")))
         except (ValueError, TypeError) as e:
             status = {
                 "state": "failed",

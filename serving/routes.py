@@ -79,12 +79,12 @@ ADAPT_BODY = {
     "description": "Optional settings of one run; omitted fields keep the worker's defaults.",
     "additionalProperties": False,
     "properties": {
-        "method": {"type": "string", "enum": list(worker.METHODS)},
         "site": {"type": "string", "description": "a hub: the edge site to adapt"},
         **{
-            name: {"type": "integer", "minimum": bounds[0], "maximum": bounds[1]}
-            for name, bounds in worker.REQUEST_SETTINGS.items()
-            if name != "method"
+            name: {"type": "string", "enum": list(allowed)}
+            if isinstance(allowed[0], str)
+            else {"type": "integer", "minimum": allowed[0], "maximum": allowed[1]}
+            for name, allowed in worker.REQUEST_SETTINGS.items()
         },
     },
 }

@@ -6,7 +6,6 @@ drift trigger starts one run when the traffic changes domain, and none while it 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
@@ -116,7 +115,7 @@ def test_drift_starts_one_run_when_the_domain_changes_and_none_before(
             flagged_at = n_other
         if settings is not None:  # what worker.loop does with it
             since = state.traffic_max_id("")
-            cfg_run = dataclasses.replace(cfg, **worker.request_overrides(settings))
+            cfg_run = worker.with_settings(cfg, worker.request_overrides(settings))
             status = worker.run_once(state, cfg_run, request={"trigger": "drift"})
             runs.append(status["state"])
             break

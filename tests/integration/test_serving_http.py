@@ -395,16 +395,18 @@ def test_adapt_settings_are_checked_and_passed_to_the_worker(versioned_run, monk
             (b'{"stages": 0}', "stages must be an integer in 1..20"),
             (b'{"steps_per_stage": true}', "steps_per_stage must be an integer"),
             (b'{"max_samples": 2.5}', "max_samples must be an integer"),
+            (b'{"gain_correction": "off"}', "gain_correction must be one of auto, sources"),
         ]:
             r = c.post("/adapt", headers=auth, content=body)
             assert r.status_code == 400 and says in r.json()["error"], (body, r.text)
             assert not request_file.exists()
         r = c.post("/adapt", headers=auth, content=b"x" * 5000)
         assert r.status_code == 413 and not request_file.exists()
-        r = c.post("/adapt", headers=auth, json={"steps_per_stage": 7, "stages": 2})
+        body = {"steps_per_stage": 7, "stages": 2, "gain_correction": "none"}
+        r = c.post("/adapt", headers=auth, json=body)
         assert r.status_code == 202, r.text
         written = json.loads(request_file.read_text())
-        assert written["settings"] == {"steps_per_stage": 7, "stages": 2}
+        assert written["settings"] == body
 
 
 def test_status_of_a_run_whose_worker_died_reads_failed(versioned_run, monkeypatch):

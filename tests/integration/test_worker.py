@@ -175,6 +175,13 @@ def test_a_genuine_shift_is_adapted_to_accepted_and_really_better(tmp_path, shif
         raw, bias = again["gate"]["estimated_gain_raw"], again["gate"]["gain_bias_on_sources"][0]
         corrected = round(raw - bias, 4) if adapted else raw
         assert again["gate"]["estimated_gain"] == pytest.approx(corrected, abs=1e-4), trigger
+        assert again["gate"]["gain_corrected"] is adapted
+    # a request may set the rule for its run (POST /adapt {"gain_correction": "none"})
+    settings = worker.request_overrides({"gain_correction": "none"})
+    plain = worker.run_once(FileState(run, store), worker.with_settings(CFG, settings))
+    assert plain["gate"]["serving_adapted"] is True and not plain["gate"]["gain_corrected"]
+    assert plain["gate"]["config"]["gain_correction"] == "none"
+    assert plain["gate"]["estimated_gain"] == plain["gate"]["estimated_gain_raw"]
 
 
 def test_a_version_published_without_prompts_or_template_starts_from_the_base_prompt(
@@ -290,6 +297,12 @@ def test_request_settings_size_the_run_and_bad_ones_fail_it(run, street_embeddin
     )
     (bad,) = worker.loop(FileState(run, store), cfg, max_iterations=1)
     assert bad["state"] == "failed" and "stages must be an integer" in bad["reasons"][0]
+    (versions.versions_dir(run) / "adapt_request.json").write_text(
+        json.dumps({"settings": {"gain_correction": "magic"}})
+    )
+    (bad,) = worker.loop(FileState(run, store), cfg, max_iterations=1)
+    assert bad["state"] == "failed"
+    assert "gain_correction must be one of auto, sources, none" in bad["reasons"][0]
     (versions.versions_dir(run) / "adapt_request.json").write_text(
         json.dumps({"settings": {"method": "magic"}})
     )
