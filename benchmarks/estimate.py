@@ -8,7 +8,8 @@ The benchmark streams have labels; the loop never sees them. Here they score:
    default method's interval covers the truth;
 2. the gate (online/gate.py) on the candidate the worker's own `train_and_gate` trains on that
    traffic, harmful streams (letters, noise) included: its decision against the true gain on
-   the stream's images it never trained on (the held-out slice and the rest of the draw);
+   the stream's images it never trained on (the held-out slice and the rest of the draw),
+   and what every gain rule (`gain_correction`) would have decided on the same figures;
 3. a drift run: printed traffic, then lcd, into a real traffic store beside a zero-shot
    artifact for printed; the worker's own loop with only the drift trigger on, checked every
    `drift_chunk` samples: the samples after the change until flagged, the triggers over the
@@ -18,7 +19,9 @@ The benchmark streams have labels; the loop never sees them. Here they score:
    and after it.
 
 Artifacts are made by `mp2a adapt` (zeroshot, mp2a-t), streams embedded by the artifact's own
-frozen encoder. The figures are one JSON object; `targets` says which targets were met.
+frozen encoder. The figures are one JSON object; `targets` says which targets were met
+(null: not measured by the plan). `python -m benchmarks.estimate --heldout [WORK]` runs the
+same on held-out styles (HELDOUT) that nothing was chosen on.
 """
 
 from __future__ import annotations
