@@ -146,6 +146,12 @@ def test_bench_estimate_quick_measures_every_decision_against_the_labels(capsys)
     assert r["estimator_error"]["atc-slope"]["cases"] == 1  # the noise stream has no truth
     assert noise["true_gain"] is None and not noise["accepted"]
     assert r["gate_confusion"]["harmful_rejected"] == 1
+    # a zero-shot base: a first adaptation, judged on the plain gain by the default rule,
+    # whose decisions the replay of the recorded figures reproduces
+    assert lcd["serving_adapted"] is False and lcd["gain_corrected"] is False
+    assert set(r["gate_confusion_by_rule"]) == {"auto", "sources", "none"}
+    assert r["gate_confusion_by_rule"]["auto"] == r["gate_confusion"]
+    assert r["targets"]["mixed_accepted_with_80pct_of_clean_gain"] is None  # no mixed stream
     d = r["drift"]
     assert d["triggers_before_change"] == 0
     assert d["samples_after_change_until_flagged"] is not None
