@@ -75,11 +75,12 @@ class EstimatePlan:
     drift_after: int = 1000  # lcd samples after it
     drift_chunk: int = 50  # samples between checks
     drift_adapt_after: int = 400  # the drift run waits for, and adapts on, this many new ones
+    cross: int = 0  # held-out styles: n samples of each served by the previous style's head
 
     @classmethod
     def heldout(cls) -> EstimatePlan:
         """The held-out styles alone (both bases), and the drift run."""
-        return cls(streams=tuple(HELDOUT), sizes=(300, 1000, 3000))
+        return cls(streams=tuple(HELDOUT), sizes=(300, 1000, 3000), cross=1000)
 
     @classmethod
     def quick(cls) -> EstimatePlan:
@@ -337,6 +338,39 @@ def _case(
         ood_in_set_kept=round(float(in_set[keep_idx].mean()), 4) if len(keep_idx) else None,
     )
     return row
+
+
+def _cross(plan: EstimatePlan, work: Path, streams: dict, cfg) -> list[dict]:
+    """Each held-out style's stream served by the mp2a-t head made for the style before it:
+    an adapted head whose site's traffic changed. The gate's decision as a scheduled run
+    takes it (the head counts as adapted to the traffic) and as a drift run would (the plain
+    gain), against the true gain."""
+    styles = [s for s in plan.streams if s in HELDOUT]
+    out = []
+    for i, style in enumerate(styles[1:] + styles[:1]):
+        head_of = styles[i]  # the style before it, in a ring
+        x, y = streams[style]
+        if head_of == style or plan.cross >= len(x) or "mp2a-t" not in plan.bases:
+            continue
+        row = _case(work / f"mp2a-t-{head_of}", style, x, y, plan.cross, cfg)
+        out.append(
+            {
+                "head_made_for": head_of,
+                "stream": style,
+                "n": plan.cross,
+                "true_serving": row["true_serving"],
+                "true_gain": row["true_gain"],
+                "serving_adapted": row["serving_adapted"],
+                "accepted": row["accepted"],
+                "accepted_as_drift_run": decide({**row, "serving_adapted": False}, "auto"),
+                "accepted_none": decide(row, "none"),
+                "accepted_sources": decide(row, "sources"),
+                "estimated_gain_raw": row["estimated_gain_raw"],
+                "gain_bias_on_sources": row["gain_bias_on_sources"],
+            }
+        )
+        log.info("cross %s on %s: %s", head_of, style, out[-1])
+    return out
 
 
 def _kept_index(traffic: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -634,6 +668,7 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
         full = plan == EstimatePlan()
         plot = REPO_ROOT / "docs" / "drift.png" if full else work / "drift.png"
         drift = _drift(plan, work / f"{plan.bases[0]}-printed", streams, work, cfg, plot)
+        cross = _cross(plan, work, streams, cfg) if plan.cross else None
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
@@ -666,6 +701,7 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
         **summary,
         "cases": cases,
         "drift": drift,
+        **({"cross_style": cross} if cross is not None else {}),
         "targets": targets,
         "seconds": round(time.time() - t_all, 1),
     }
@@ -737,6 +773,18 @@ def markdown(r: dict) -> str:
             f"| {m['base']} | {m['n']} | {m['accepted']} | {pts(m['gain'])} | "
             f"{pts(m['clean_gain'])} | {m['ratio']:.2f} |"
         )
+    if r.get("cross_style"):
+        out += ["", "An adapted head after its site's traffic changed (the mp2a-t head of one "
+                "style serving another): the default gate as a scheduled run and as a drift run:",
+                "", "| head made for | stream | n | true gain (pts) | scheduled (`auto`) "
+                "| drift run (`auto`) | `sources` | `none` |",
+                "|---|---|---:|---:|---|---|---|---|"]  # fmt: skip
+        for c in r["cross_style"]:
+            out.append(
+                f"| {c['head_made_for']} | {c['stream']} | {c['n']} | {pts(c['true_gain'])} | "
+                f"{c['accepted']} | {c['accepted_as_drift_run']} | {c['accepted_sources']} | "
+                f"{c['accepted_none']} |"
+            )
     d = r["drift"]
     out += ["", "## Drift run (printed, then lcd; docs/drift.png)", ""]
     if r.get("drift_rerun_note"):

@@ -29,8 +29,9 @@ read off those cases, so it was checked on four held-out styles no rule was chos
 negative, rotated, pixelated × both bases × 300/1,000/3,000 samples; `python -m
 benchmarks.estimate --heldout`, docs/bench_estimate_heldout.json): "auto" accepted 12 of 12
 gains of 2 points or more ("sources" 8, "none" 9) and 0 of 2 losses (every rule 0). An
-adapted head deployed on traffic of another style without a drift run is taken as adapted
-(the cautious rule); `gain_correction="none"` is the choice there.
+adapted head deployed on traffic of another style without a drift run is taken as adapted;
+on four such cases (the mp2a-t head of one held-out style serving another) that accepted
+both gains of 2 points or more and neither small one, the plain gain 1 of the 2 gains.
 
 Guards, each against a harm measured on the benchmark streams (nothing else rejects):
 - collapse of the prompt rows: on held-out source rows (labels known), the candidate's
