@@ -223,3 +223,12 @@ def test_a_head_is_adapted_to_its_traffic_when_made_on_target_images_and_no_chan
     assert gate.adapted_to_traffic({"method": "by-hand", "head_rows": prototype})
     assert not gate.adapted_to_traffic({"method": "by-hand", "head_rows": prototype[:1]})
     assert not gate.adapted_to_traffic({})
+
+
+def test_the_supervisor_offers_every_gain_rule_the_gate_knows():
+    """`mp2a serve` checks MP2A_GATE_GAIN_CORRECTION itself (it stays free of numpy): its
+    list is the gate's."""
+    from online.supervisor import CHOICE_SETTINGS
+
+    choices = {env: allowed for env, _, allowed in CHOICE_SETTINGS}
+    assert choices["MP2A_GATE_GAIN_CORRECTION"] == gate.GAIN_CORRECTIONS
