@@ -62,20 +62,23 @@ class EdgePlan:
     buffer_cap: int = 1000  # MP2A_STORE_MAX_ROWS of the probed edge: below the outage's samples
     batch: int = 32
     steps_per_stage: int = 100  # of the base artifact's adaptation (3 stages)
+    sites: tuple[str, ...] = tuple(SITES)  # the edges started (PROBED among them)
 
     @classmethod
     def quick(cls) -> EdgePlan:
+        # two edges: every path of the table (a third site adds a server start and a run)
         return cls(per_class=8, stream_per_class=10, down_seconds=4, probe_seconds=3, buffer_cap=50,
-                   steps_per_stage=20)  # fmt: skip
+                   steps_per_stage=20, sites=("hand", "lcd"))  # fmt: skip
 
 
 def _prepare(plan: EdgePlan, work: Path) -> tuple[Path, Path, Path]:
     data, stream, run = work / "digits", work / "stream", work / "run"
-    domains = ["printed", "textured", "street", *SITES.values()]
+    streams = [SITES[s] for s in plan.sites]
+    domains = ["printed", "textured", "street", *streams]
     _mp2a("data", "digits", "--out", str(data), "--per-class", str(plan.per_class),
           "--domains", ",".join(domains), "--quiet")  # fmt: skip
     _mp2a("data", "digits", "--out", str(stream), "--seed", "1",
-          "--per-class", str(plan.stream_per_class), "--domains", ",".join(SITES.values()),
+          "--per-class", str(plan.stream_per_class), "--domains", ",".join(streams),
           "--quiet")  # fmt: skip
     _mp2a("adapt", "--data", str(data), "--target", "printed", "--sources", "textured,street",
           "--method", "mp2a", "--out", str(run), "--stages", "3",
@@ -161,10 +164,11 @@ def hub_and_edges(
 def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
     data, stream_root, base = _prepare(plan, work)
     classes = json.loads((data / "meta.json").read_text())["classes"]
-    tokens = {s: secrets.token_hex(16) for s in SITES}
+    used = {s: SITES[s] for s in plan.sites}
+    tokens = {s: secrets.token_hex(16) for s in used}
     admin = secrets.token_hex(16)
     hub_run = _fresh_copy(base, work / "hub")
-    runs = {site: _fresh_copy(base, work / f"edge-{site}") for site in SITES}
+    runs = {site: _fresh_copy(base, work / f"edge-{site}") for site in used}
     probed = {PROBED: {"MP2A_STORE_MAX_ROWS": str(plan.buffer_cap)}}
     hub, edges = stack.enter_context(
         hub_and_edges(hub_run, runs, work, tokens, admin, edge_env=probed)
@@ -173,7 +177,7 @@ def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
     hub_state = FileState(hub_run)
     inputs = {}
     sites: dict[str, dict] = {}
-    for site, domain in SITES.items():
+    for site, domain in used.items():
         stream, y_stream = _shuffled(*_images(stream_root, domain, classes))
         fresh, y_fresh = _images(data, domain, classes)
         inputs[site] = (stream, y_stream, fresh, y_fresh)
@@ -197,7 +201,7 @@ def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
         sites[site]["samples_at_hub"] = hub_state.traffic_count(site)
 
     auth = {"Authorization": f"Bearer {admin}"}
-    for site in SITES:
+    for site in used:
         req = _post(
             hub.url + "/adapt", json.dumps({"site": site}).encode(), "application/json", auth
         )

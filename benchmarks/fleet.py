@@ -28,6 +28,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -402,7 +403,11 @@ def takeover(work: Path, run: Path, dsn: str, images: list[Path]) -> dict:
     }
 
 
-def run(quick: bool = False, work: Path | None = None) -> dict:
+def run(
+    quick: bool = False, work: Path | None = None, base: tuple[Path, Path] | None = None
+) -> dict:
+    """The bench; `base`: (a zero-shot street artifact with its ONNX export, the DigitsDA
+    folder it was made from) to use instead of making them here (a test's session ones)."""
     t_all = time.time()
     with contextlib.ExitStack() as stack:
         if work is None:
@@ -410,7 +415,14 @@ def run(quick: bool = False, work: Path | None = None) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         pg = PgServer().start()
         stack.callback(pg.destroy)
-        run_dir, image = _prepare(work, 4 if quick else 20)
+        if base is None:
+            run_dir, image = _prepare(work, 4 if quick else 20)
+        else:
+            from benchmarks.online import _fresh_copy
+
+            run_dir = _fresh_copy(base[0], work / "run")
+            shutil.copytree(base[1], work / "digits", dirs_exist_ok=True)
+            image = sorted((work / "digits" / "street" / "three").glob("*.png"))[0]
         fleet_db = pg.create_db("fleet")
         swap = swaps_under_load(work, run_dir, image, fleet_db)
         ing = ingest(run_dir, pg.create_db("ingest"), 2_000 if quick else 50_000)

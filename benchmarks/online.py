@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import json
 import logging
 import os
@@ -116,10 +117,17 @@ class OnlinePlan:
 
 
 def _mp2a(*args: str) -> None:
-    cmd = [sys.executable, "-m", "mp2a", *args]
-    r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise Mp2aError(f"{' '.join(cmd[2:])} failed ({r.returncode}): {r.stderr[-2000:]}")
+    """`mp2a ARGS` in this process (what the bench prepares: data, adapt, export), its output
+    kept out of the bench's own; a failure raises with what it said. In-process: a bench (or
+    the test session) has the model stack imported once, not again per command."""
+    from mp2a.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    if rc != 0:
+        said = (err.getvalue() or out.getvalue())[-2000:]
+        raise Mp2aError(f"mp2a {' '.join(args)} failed ({rc}): {said}")
 
 
 def _images(root: Path, domain: str, classes: list[str]) -> tuple[list[bytes], np.ndarray]:

@@ -5,6 +5,13 @@ loopback port, its files in a temporary folder.
 PgBouncer refuses to run as root, so as root it runs as the `postgres` user (runuser), like
 the server. Nothing is mocked: clients speak to the real pooler, which hands each transaction
 to one of `pool_size` server connections.
+
+`nice` (a bench's choice, negative needs root) runs the pooler at that scheduling niceness. A
+bench that packs a hundred replica processes onto the cores of one machine needs it: the
+kernel gives each runnable process an equal share, so the one single-threaded pooler gets
+1/N of the cores where a deployment gives it a core of its own (measured on 2 cores and 100
+light replicas: clients waited for the pool while PostgreSQL sat idle). `niceness` reads back
+what the running pooler got.
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ def pgbouncer_binary() -> str | None:
 class PgBouncer:
     """`pgbouncer` in transaction mode forwarding every database to `server`."""
 
-    def __init__(self, server: PgServer, pool_size: int = 10, max_clients: int = 2000) -> None:
+    def __init__(
+        self, server: PgServer, pool_size: int = 10, max_clients: int = 2000, nice: int = 0
+    ) -> None:
         binary = pgbouncer_binary()
         if binary is None:
             raise RuntimeError(f"pgbouncer is not installed: {INSTALL_HINT}")
-        self.binary, self.server = binary, server
+        self.binary, self.server, self.nice = binary, server, nice
         self.root = Path(tempfile.mkdtemp(prefix="mp2a-pgbouncer-", dir="/tmp"))
         self.port = _free_port()
         self.ini = self.root / "pgbouncer.ini"
@@ -70,6 +79,8 @@ class PgBouncer:
         cmd = [self.binary, str(self.ini)]
         if self.as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        if self.nice:
+            cmd = ["nice", "-n", str(self.nice), *cmd]  # unprivileged: a warning, then nice 0
         # the pooler holds one file descriptor per client: 100 replicas and their threads
         with contextlib.suppress(ValueError, OSError):
             import resource
@@ -89,6 +100,15 @@ class PgBouncer:
                 return self
             time.sleep(0.1)
         raise TimeoutError(f"pgbouncer not listening on {self.port} after {timeout:.0f} s")
+
+    @property
+    def niceness(self) -> int | None:
+        """The running pooler's scheduling niceness (None: not running or not readable)."""
+        try:
+            pid = int((self.root / "pgbouncer.pid").read_text().split()[0])
+            return os.getpriority(os.PRIO_PROCESS, pid)
+        except (OSError, ValueError, IndexError):
+            return None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

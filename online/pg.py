@@ -3,7 +3,7 @@
 Every replica and worker of a deployment points at one database. It holds:
 
     traffic            served samples per site (embedding, time, served version, predicted
-                       label, confidence); written in batches with COPY by each replica's
+                       label, confidence); written a batch per statement by each replica's
                        store thread, capped by rows and age per site
     traffic_images     raw images, only with MP2A_STORE_IMAGES=1 (own cap)
     traffic_batches    a hub: the upload batch ids stored, per site (a retry is refused)
@@ -50,6 +50,7 @@ it) and reconnects in the background.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -207,9 +208,22 @@ def _json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False) + "\n"
 
 
+def _applied(conn: Any) -> set[int] | None:
+    """The migrations the database has, read without a lock (None: no schema table yet)."""
+    (table,) = conn.execute("SELECT to_regclass('mp2a_schema')").fetchone()
+    if table is None:
+        return None
+    return {r[0] for r in conn.execute("SELECT version FROM mp2a_schema")}
+
+
 def migrate(conn: Any) -> list[int]:
     """Apply the missing migrations under a transaction advisory lock (safe when several
-    replicas start at once); returns the versions applied now."""
+    replicas start at once); returns the versions applied now. A database that has every
+    migration is only read: a fleet starting together does not queue for the lock (behind
+    PgBouncer each waiter would hold one of the pool's server connections)."""
+    done = _applied(conn)
+    if done is not None and done >= {v for v, _ in MIGRATIONS} and max(done) <= LATEST_SCHEMA:
+        return []
     applied_now = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_KEY,))
@@ -574,11 +588,13 @@ class PgState:
             art = load_artifact(tmp)  # every checksum, the manifest's own included
             if art.version != version:
                 raise ArtifactError(f"row {version} of site {site!r} says version {art.version}")
-            with contextlib.suppress(FileExistsError, OSError):
+            try:
                 os.rename(tmp, folder)
+                art = dataclasses.replace(art, path=folder)  # the files just verified
+            except OSError:  # another process of the replica wrote it first: verify that one
+                art = load_artifact(folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        art = load_artifact(folder)
         self._arts[(site, version)] = art
         return art
 
@@ -1084,10 +1100,40 @@ class PgState:
             self._close_pool()
 
 
+# A batch of samples (and their images, where kept) in one statement: one round trip and its
+# own transaction (autocommit). Behind PgBouncer in transaction mode a server connection is
+# then held only while PostgreSQL inserts, never across the client's round trips (BEGIN,
+# COPY's handshake, COMMIT), which on busy replicas made the whole fleet queue for the pool.
+# The ids follow the batch's order; an image row names its sample's id.
+INSERT_BATCH = """
+WITH b AS MATERIALIZED (
+    SELECT nextval(pg_get_serial_sequence('traffic', 'id')) AS id, u.*
+    FROM (SELECT * FROM unnest(%s::float8[], %s::text[], %s::int4[], %s::float4[],
+                               %s::bytea[], %s::bytea[])
+          WITH ORDINALITY AS x (t, version, label, confidence, embedding, image, i)
+          ORDER BY x.i) AS u
+), rows AS (
+    INSERT INTO traffic (id, site, t, version, label, confidence, embedding)
+    SELECT id, %s, t, version, label, confidence, embedding FROM b ORDER BY i
+)
+INSERT INTO traffic_images (sample_id, site, data)
+SELECT id, %s, image FROM b WHERE image IS NOT NULL
+"""
+
+# The fleet's retention slot for a site: a row of mp2a_meta holding the epoch (database clock)
+# before which no other pass runs; a replica that moves it forward gets a row back and does
+# the pass. One statement: no lock, no transaction held open.
+CLAIM_RETENTION = (
+    "INSERT INTO mp2a_meta (key, value) VALUES (%s, (extract(epoch FROM now()) + %s)::text) "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
+    "WHERE mp2a_meta.value::float8 <= extract(epoch FROM now()) RETURNING 1"
+)
+
+
 class PgTrafficStore(TrafficStore):
     """The traffic store's queue and writer thread (online/store.py) writing to PostgreSQL:
-    COPY of each batch in one transaction on the state's pooled connection (shared with reads
-    and status: no connection of its own), per-site retention, and when the database goes
+    each batch in one statement (INSERT_BATCH) on the state's pooled connection (shared with
+    reads and status: no connection of its own), per-site retention, and when the database goes
     away the batch is dropped and counted (serving never waits for it) and the next one tries
     again once the pool has a connection."""
 
@@ -1101,7 +1147,7 @@ class PgTrafficStore(TrafficStore):
         start: bool = True,
     ) -> None:
         self.state, self.site = state, site
-        self.committed = 0  # samples whose COPY committed (a bench counts them against rows)
+        self.committed = 0  # samples whose batch committed (a bench counts them against rows)
         self._next_retention = 0.0
         super().__init__(config, metrics=metrics, start=start)
 
@@ -1124,28 +1170,20 @@ class PgTrafficStore(TrafficStore):
     def _write(self, con: Any, batch: list[_Sample]) -> bool:
         psycopg = _psycopg()
         try:
-            with self.state._db() as conn, conn.transaction(), conn.cursor() as cur:
-                if all(s.image is None for s in batch):
-                    cols = "site, t, version, label, confidence, embedding"
-                    with cur.copy(f"COPY traffic ({cols}) FROM STDIN") as copy:
-                        for s in batch:
-                            copy.write_row(
-                                (self.site, s.t, s.version, s.label, s.confidence, s.embedding)
-                            )
-                else:
-                    for s in batch:
-                        cur.execute(
-                            "INSERT INTO traffic (site, t, version, label, confidence, "
-                            "embedding) VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                            (self.site, s.t, s.version, s.label, s.confidence, s.embedding),
-                        )
-                        (sid,) = cur.fetchone()
-                        if s.image is not None:
-                            cur.execute(
-                                "INSERT INTO traffic_images (sample_id, site, data) "
-                                "VALUES (%s, %s, %s)",
-                                (sid, self.site, s.image),
-                            )
+            with self.state._db() as conn:  # one statement, its own transaction
+                conn.execute(
+                    INSERT_BATCH,
+                    (
+                        [s.t for s in batch],
+                        [s.version for s in batch],
+                        [s.label for s in batch],
+                        [s.confidence for s in batch],
+                        [s.embedding for s in batch],
+                        [s.image for s in batch],
+                        self.site,
+                        self.site,
+                    ),
+                )
             self.committed += len(batch)
             return True
         except (psycopg.Error, StateError) as e:
@@ -1158,30 +1196,48 @@ class PgTrafficStore(TrafficStore):
                 self._queue.task_done()
 
     def _retain_and_publish(self, con: Any) -> bool:
-        """The site's caps and its row count, at most every RETENTION_S (jittered): the
-        traffic table is the fleet's, so every replica's pass does the whole fleet's work and
-        100 replicas passing after each batch would keep the database busy counting."""
+        """The site's caps and its row count, tried every RETENTION_S (jittered) and done by
+        one replica of the fleet at a time: the traffic table is the fleet's, so a pass does
+        the whole fleet's work, and a pass per replica would grow the database's work with
+        the fleet. The replica that claims the site's slot (CLAIM_RETENTION: at most one per
+        RETENTION_S / 2) caps the rows and records their count; the others read that count
+        (one row by its key) for their gauge."""
         psycopg = _psycopg()
         c, site = self.config, self.site
         if time.monotonic() < self._next_retention:
             return True
         self._next_retention = time.monotonic() + RETENTION_S * random.uniform(0.5, 1.0)
         try:
-            with self.state._db() as conn, conn.transaction(), conn.cursor() as cur:
-                retain_traffic(cur, site, c.max_age_s, c.max_rows)
-                cur.execute(
-                    "DELETE FROM traffic_images WHERE site = %s AND sample_id <= (SELECT "
-                    "sample_id FROM traffic_images WHERE site = %s ORDER BY sample_id DESC "
-                    "LIMIT 1 OFFSET %s)",
-                    (site, site, c.max_images),
-                )
-                cur.execute("SELECT COUNT(*) FROM traffic WHERE site = %s", (site,))
-                (n,) = cur.fetchone()
+            with self.state._db() as conn:
+                claimed = conn.execute(
+                    CLAIM_RETENTION, (f"retention:{site}", RETENTION_S / 2)
+                ).fetchone()
+                if claimed is None:  # another replica's pass is recent: read its count
+                    row = conn.execute(
+                        "SELECT value FROM mp2a_meta WHERE key = %s", (f"rows:{site}",)
+                    ).fetchone()
+                    n = None if row is None else int(row[0])
+                else:
+                    with conn.transaction(), conn.cursor() as cur:
+                        retain_traffic(cur, site, c.max_age_s, c.max_rows)
+                        cur.execute(
+                            "DELETE FROM traffic_images WHERE site = %s AND sample_id <= "
+                            "(SELECT sample_id FROM traffic_images WHERE site = %s ORDER BY "
+                            "sample_id DESC LIMIT 1 OFFSET %s)",
+                            (site, site, c.max_images),
+                        )
+                        cur.execute("SELECT COUNT(*) FROM traffic WHERE site = %s", (site,))
+                        (n,) = cur.fetchone()
+                        cur.execute(
+                            "INSERT INTO mp2a_meta (key, value) VALUES (%s, %s) ON CONFLICT "
+                            "(key) DO UPDATE SET value = EXCLUDED.value",
+                            (f"rows:{site}", str(n)),
+                        )
         except (psycopg.Error, StateError) as e:
             log.warning("traffic store (PostgreSQL): retention pass failed: %s", e)
             self._writer_failed()
             return False
-        if self.metrics is not None:
+        if self.metrics is not None and n is not None:
             self.metrics.traffic_samples.set(n)
         return True
 

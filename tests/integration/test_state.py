@@ -133,6 +133,91 @@ def test_traffic_offer_read_and_caps(state, run):
     np.testing.assert_array_equal(state.read_traffic(10), x[-10:])
 
 
+def test_one_retention_pass_per_window_for_the_whole_fleet(run, pg_dsn, tmp_path):
+    """The traffic table is the fleet's: the replica that claims the site's retention slot caps
+    the rows and records their count; another replica passing within the window leaves the
+    rows alone and reads that count; once the window is over, the next pass caps again."""
+    import psycopg
+
+    from online.pg import PgTrafficStore
+    from online.store import StoreConfig
+
+    states = [
+        open_state(run, {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / f"c{i}")})
+        for i in range(2)
+    ]
+    dim = states[0].load_current().backbone.embed_dim
+    config = StoreConfig(path=tmp_path / "unused", dim=dim, max_rows=10)
+    a, b = (PgTrafficStore(s, config, start=False) for s in states)
+    writer = states[0].open_store(dim)
+    x = np.random.default_rng(4).normal(size=(60, dim)).astype(np.float32)
+
+    def write(rows) -> None:
+        for e in rows:
+            assert writer.offer(e, 0, 0.5, "1")
+        writer.flush(30)
+
+    def slot(conn) -> tuple:
+        return conn.execute(
+            "SELECT key, value FROM mp2a_meta WHERE key LIKE 'r%%' ORDER BY key"
+        ).fetchall()
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        write(x[:30])
+        deadline = time.time() + 30
+        while len(slot(conn)) < 2 and time.time() < deadline:  # the writer's own first pass
+            time.sleep(0.05)
+        conn.execute("DELETE FROM mp2a_meta WHERE key LIKE 'r%%'")
+        write(x[30:45])
+        assert states[0].traffic_count() == 45
+        assert a._retain_and_publish(None)
+        assert states[0].traffic_count() == 10 and dict(slot(conn))["rows:"] == "10"
+        write(x[45:])
+        b._next_retention = 0.0
+        assert b._retain_and_publish(None)  # within a's window: reads its count
+        assert states[0].traffic_count() == 25 and dict(slot(conn))["rows:"] == "10"
+        conn.execute("UPDATE mp2a_meta SET value = '0' WHERE key = 'retention:'")  # it ended
+        b._next_retention = 0.0
+        assert b._retain_and_publish(None)
+        assert states[0].traffic_count() == 10 and dict(slot(conn))["rows:"] == "10"
+        np.testing.assert_array_equal(states[0].read_traffic(None), x[-10:])
+    writer.close()
+    for s in states:
+        s.close()
+
+
+def test_a_batch_with_some_images_keeps_its_order_and_each_image_names_its_sample(
+    run, pg_dsn, tmp_path
+):
+    """The PostgreSQL writer inserts a batch in one statement: rows in the order offered, and
+    with MP2A_STORE_IMAGES=1 each kept image under the id of the sample it was served with."""
+    import psycopg
+
+    env = {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / "c"),
+           "MP2A_STORE_IMAGES": "1"}  # fmt: skip
+    state = open_state(run, env)
+    dim = state.load_current().backbone.embed_dim
+    store = state.open_store(dim)
+    x = np.random.default_rng(3).normal(size=(30, dim)).astype(np.float32)
+    images = {i: f"image {i}".encode() for i in range(30) if i % 3 != 1}
+    for i, e in enumerate(x):
+        assert store.offer(e, i % 10, 0.25 + i / 100, "1", image=images.get(i))
+    store.flush(30)
+    store.close()
+    np.testing.assert_array_equal(state.read_traffic(None), x)
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT t.label, t.confidence, i.data FROM traffic t LEFT JOIN traffic_images i "
+            "ON i.sample_id = t.id ORDER BY t.id"
+        ).fetchall()
+    assert [r[0] for r in rows] == [i % 10 for i in range(30)]
+    assert [round(r[1], 2) for r in rows] == [round(0.25 + i / 100, 2) for i in range(30)]
+    assert [None if r[2] is None else bytes(r[2]) for r in rows] == [
+        images.get(i) for i in range(30)
+    ]
+    state.close()
+
+
 def test_one_leader_at_a_time_and_takeover(state, run, tmp_path):
     other = (
         FileState(run, tmp_path / "traffic.sqlite")
@@ -190,6 +275,46 @@ def pg_state(run, pg_dsn, tmp_path):
     s = open_state(run, {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / "cache")})
     yield s
     s.close()
+
+
+def test_a_migrated_database_starts_a_replica_without_the_migration_lock(
+    run, pg_server, pg_dsn, tmp_path
+):
+    """A fleet starting together must not queue on the migration lock (behind PgBouncer each
+    waiter holds a server connection): with every migration applied a replica starts while
+    another session holds that lock; on a database still to migrate it waits for the lock."""
+    import psycopg
+
+    from online.pg import MIGRATE_KEY, MIGRATIONS
+
+    open_state(run, {"MP2A_STATE": pg_dsn, "MP2A_STATE_CACHE": str(tmp_path / "a")}).close()
+    fresh = pg_server.create_db(f"t_{uuid.uuid4().hex[:12]}")
+
+    def start(dsn: str, cache: str, out: list) -> None:
+        try:
+            s = open_state(run, {"MP2A_STATE": dsn, "MP2A_STATE_CACHE": str(tmp_path / cache)})
+            s.load_current()
+            s.close()
+            out.append("started")
+        except BaseException as e:
+            out.append(e)
+
+    for dsn, cache, migrated in ((pg_dsn, "b", True), (fresh, "c", False)):
+        with psycopg.connect(dsn, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_KEY,))
+            got: list = []
+            t = threading.Thread(target=start, args=(dsn, cache, got), daemon=True)
+            t.start()
+            t.join(30 if migrated else 3)
+            if migrated:
+                assert got == ["started"]
+                continue
+            assert got == [] and t.is_alive()  # waits for the lock
+            holder.execute("SELECT pg_advisory_unlock(%s)", (MIGRATE_KEY,))
+            t.join(30)
+            assert got == ["started"]
+            applied = holder.execute("SELECT version FROM mp2a_schema ORDER BY version")
+            assert [r[0] for r in applied] == [v for v, _ in MIGRATIONS]
 
 
 def test_replicas_starting_together_migrate_once(run, pg_dsn, tmp_path):
