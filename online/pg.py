@@ -1114,7 +1114,7 @@ WITH b AS MATERIALIZED (
           ORDER BY x.i) AS u
 ), rows AS (
     INSERT INTO traffic (id, site, t, version, label, confidence, embedding)
-    SELECT id, %s, t, version, label, confidence, embedding FROM b ORDER BY i
+    SELECT id, %s, t, version, label, confidence, embedding FROM b
 )
 INSERT INTO traffic_images (sample_id, site, data)
 SELECT id, %s, image FROM b WHERE image IS NOT NULL

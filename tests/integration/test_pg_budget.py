@@ -260,6 +260,9 @@ def test_bench_fleet_replicas_quick_prints_the_table(run, tmp_path, capsys):
         assert m["publish_all_swapped_ms"]["missed"] == 0, m
         assert m["takeover_seconds"] > 0 and m["restart"]["leader_after_restart"], m
         assert m["rows"]["committed_rows_lost"] == 0, m
+        # the running pooler's own niceness, read back (root here: the bench's -10)
+        expected = None if mode == "direct" else -10 if os.geteuid() == 0 else 0
+        assert m["pooler_niceness"] == expected, mode
     assert r["modes"]["direct"]["connections"]["held_per_replica_max"] <= 4  # 2 + the lead's
     # the full server (quick: one, beside the first way only) answered through the restart
     served = r["modes"]["direct"]["full_servers"]
