@@ -4,8 +4,8 @@ BentoML's multipart handling has no body limit, answers 500 to a few malformed f
 field sent as text makes it try to download that text as a URL; an over-long file name
 fails its temp-file creation), and treats any non-multipart body as JSON. This guard buffers
 the body of the prediction routes up to a limit (413 beyond it), requires
-multipart/form-data (415), parses the form once to check that the expected field holds file
-uploads (400/413 otherwise). Every refusal is JSON {"error": "..."}.
+multipart/form-data (415), parses the form once (serving/multipart.py) to check that the
+expected field holds file uploads (400/413 otherwise). Every refusal is JSON {"error": "..."}.
 
 With a `handler`, a checked upload is answered here: the handler gets the route and the
 files' bytes and returns the response (the service's prediction path). BentoML's own
@@ -18,17 +18,19 @@ body is replayed to BentoML unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from starlette.datastructures import FormData, Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.multipart import FormError, Part, parse_form
 
 log = logging.getLogger(__name__)
 
 MAX_FILENAME = 200  # bytes; BentoML turns the upload's file name into a temp-file suffix
+MAX_FIELDS = 64  # parts of a form beside the route's files
 DRAIN_FACTOR = 4  # read (and drop) an oversize body up to this many limits before answering
 
 
@@ -72,7 +74,7 @@ class UploadGuard:
         body, refusal = await self._read(rule, headers, receive)
         files: list[bytes] = []
         if refusal is None:
-            refusal, files = await self._check_form(rule, headers, body)
+            refusal, files = self._check_form(rule, headers, body)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -116,35 +118,25 @@ class UploadGuard:
             )
         return b"".join(chunks), None
 
-    async def _check_form(
+    def _check_form(
         self, rule: UploadRule, headers: Headers, body: bytes
     ) -> tuple[JSONResponse | None, list[bytes]]:
         """(None, the files' bytes) for a good form, else (the refusal, [])."""
-
-        async def stream() -> AsyncGenerator[bytes, None]:
-            yield body
-
-        parser = MultiPartParser(headers, stream(), max_files=rule.max_files + 8, max_fields=64)
         try:
-            form = await parser.parse()
-        except MultiPartException as e:
+            form = parse_form(body, headers.get("content-type", ""), rule.max_files + MAX_FIELDS)
+        except FormError as e:
             return _error(400, f"malformed multipart/form-data body: {e.message}"), []
-        except Exception as e:  # python-multipart raises its own zoo on garbage
-            return _error(400, f"malformed multipart/form-data body: {e}"), []
-        try:
-            refusal = self._check_values(rule, form)
-            if refusal is not None:
-                return refusal, []
-            return None, [await v.read() for v in form.getlist(rule.field)]
-        finally:
-            await form.close()
+        refusal = self._check_values(rule, form)
+        if refusal is not None:
+            return refusal, []
+        return None, [p.data for p in form if p.name == rule.field]
 
     @staticmethod
-    def _check_values(rule: UploadRule, form: FormData) -> JSONResponse | None:
+    def _check_values(rule: UploadRule, form: list[Part]) -> JSONResponse | None:
         """The refusal of a parsed form, in the order a client would fix it; None if good."""
-        values = form.getlist(rule.field)
+        values = [p for p in form if p.name == rule.field]
         if not values:
-            fields = ", ".join(repr(k) for k in form) or "none"
+            fields = ", ".join(dict.fromkeys(repr(p.name) for p in form)) or "none"
             return _error(
                 400,
                 f"no {rule.field!r} field in the form (fields sent: {fields}); "
@@ -161,13 +153,13 @@ class UploadGuard:
                 413, f"{len(values)} images in one request; the limit is {rule.max_files}"
             )
         for v in values:
-            if not isinstance(v, UploadFile):
+            if v.filename is None:
                 return _error(
                     400,
                     f"field {rule.field!r} must be a file upload (with a filename), not "
                     f"text; e.g. curl -F {rule.field}=@photo.jpg",
                 )
-            if len((v.filename or "").encode()) > MAX_FILENAME:
+            if len(v.filename.encode()) > MAX_FILENAME:
                 return _error(400, f"the upload's file name exceeds {MAX_FILENAME} bytes")
         return None
 
