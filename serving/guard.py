@@ -88,13 +88,17 @@ class UploadGuard:
         self, rule: UploadRule, headers: Headers, receive: Receive
     ) -> tuple[bytes, JSONResponse | None]:
         media = headers.get("content-type", "").split(";")[0].strip().lower()
-        too_large = _error(
-            413,
-            f"the request body exceeds {rule.max_bytes // 2**20} MiB; send smaller or fewer images",
-        )
+
+        def too_large() -> JSONResponse:
+            return _error(
+                413,
+                f"the request body exceeds {rule.max_bytes // 2**20} MiB; send smaller or "
+                "fewer images",
+            )
+
         declared = headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > DRAIN_FACTOR * rule.max_bytes:
-            return b"", too_large  # answer at once; the server closes the connection
+            return b"", too_large()  # answer at once; the server closes the connection
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -105,10 +109,10 @@ class UploadGuard:
             if size <= rule.max_bytes:
                 chunks.append(chunk)
             elif size > DRAIN_FACTOR * rule.max_bytes:
-                return b"", too_large
+                return b"", too_large()
             more = message.get("more_body", False)
         if size > rule.max_bytes:
-            return b"", too_large  # drained, so the client reads this answer cleanly
+            return b"", too_large()  # drained, so the client reads this answer cleanly
         if media != "multipart/form-data":
             got = media or "no content type"
             return b"", _error(
