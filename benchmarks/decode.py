@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-FACTORS = (1.0, 1.5, 2.0, 3.0)
+FACTORS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
 SIDES = (256, 512, 1024, 2048)  # shorter sides of the DigitsDA JPEGs
 
 
