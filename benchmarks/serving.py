@@ -2,10 +2,14 @@
 
 For each model (the embedded tiny CLIP; ViT-B-16 with random weights with --models) an
 artifact is built in a temporary folder (random head: the figures are timings) with its
-encoder exported to ONNX (ViT-B-16 also int8). For each variant a real server is started on
-127.0.0.1 and a *separate* load-generating process (`python -m benchmarks.serving load ...`,
-one keep-alive connection per client thread) sends each workload at concurrency 1, 8 and 32;
-every level is bounded by a request count and a time budget.
+encoder exported to ONNX (ViT-B-16 also int8). Every variant's real server (and every
+peer's) is started on 127.0.0.1, all at once; a *separate* load-generating process (`python -m
+benchmarks.serving load ...`, one keep-alive connection per client thread) sends each
+workload at concurrency 1, 8 and 32. Each level is measured in ROUNDS rounds, the servers
+taking turns within a round (order reversed every other round), so the machine's drift
+falls on every variant alike; a level's row is its rounds together (throughput over their
+summed time, percentiles of the pooled latencies, `rounds_requests_per_s` per round). Every
+level is bounded by a request count and a time budget, split among the rounds.
 
 Workloads: `jpeg256` (a 256x256 JPEG), `dslr` and `webcam` (real camera photos from --photos
 DIR, e.g. Office-31's 1000x1000 DSLR and 152-752 px webcam JPEGs; left out without it),
@@ -30,6 +34,7 @@ import http.client
 import io
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -304,6 +309,9 @@ def running_server(run: Path, variant: str, log_file: Path) -> Iterator[str]:
     port = free_port()
     backend, precision = VARIANTS[variant]
     env = {**serve_env(run, backend, precision), **VARIANT_ENV.get(variant, {})}
+    # a home of its own: servers running side by side must not share (and reset) BentoML's
+    # metrics directory
+    env["BENTOML_HOME"] = str(log_file.with_name(log_file.stem + "-bentoml-home"))
     cmd = serve_command(port, "127.0.0.1")
     if backend == "bare":
         cmd = [sys.executable, "-m", "benchmarks.bare", str(run), "--port", str(port),
@@ -444,6 +452,7 @@ def generate_load(
         "mean_ms": round(1000 * mean_lat, 2),
         "stage_mean_ms": {k: round(1000 * v, 3) for k, v in stage.items()},
         "outside_model_fraction": round(1 - stage["model"] / mean_lat, 3) if mean_lat else None,
+        "latencies_ms": [round(1000 * float(v), 3) for v in lat],  # pooled across rounds
     }
 
 
@@ -479,44 +488,81 @@ def run_load_process(url: str, image: Path, level: Level) -> dict:
 # ---------------------------------------------------------------- the benchmark
 
 
-def _measure(url: str, variant: str, image: Path, levels: tuple[Level, ...]) -> list[dict]:
-    run_load_process(url, image, Level(2, 6, 30.0))  # warm-up: first calls, allocations
-    rows = []
-    for level in levels:
-        if variant not in VARIANTS or VARIANTS[variant][0] == "bare":  # no mp2a metrics
-            rows.append(run_load_process(url, image, level))
-            continue
-        s0, c0 = scrape_batch_stats(url)
-        row = run_load_process(url, image, level)
-        s1, c1 = scrape_batch_stats(url)
-        row["mean_encoder_batch"] = round((s1 - s0) / (c1 - c0), 2) if c1 > c0 else None
-        rows.append(row)
-    return rows
+# Each level is measured in ROUNDS rounds; within a round every variant (and peer) of the
+# workload runs the level in turn, all servers up at once, the order reversed every other
+# round. The machine's drift over a run (minutes of +-15 % here) then falls on every
+# variant alike instead of on whichever ran at the time.
+ROUNDS = 3
 
 
-def bench_variant(
-    run: Path,
-    variant: str,
-    workloads: dict[str, tuple[Path, tuple[Level, ...]]],
-    logs: Path,
-    peer_model: Path | None = None,
+def _split(level: Level, rounds: int) -> Level:
+    return Level(level.concurrency, max(1, math.ceil(level.requests / rounds)),
+                 level.seconds / rounds)  # fmt: skip
+
+
+def _measure_level(url: str, variant: str, image: Path, level: Level) -> dict:
+    if variant not in VARIANTS or VARIANTS[variant][0] == "bare":  # no mp2a metrics
+        return run_load_process(url, image, level)
+    s0, c0 = scrape_batch_stats(url)
+    row = run_load_process(url, image, level)
+    s1, c1 = scrape_batch_stats(url)
+    row["batch_images"], row["batch_calls"] = s1 - s0, c1 - c0
+    return row
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One level's rounds as one row: throughput over the rounds' summed time, latency
+    percentiles of the pooled answers, each round's throughput kept."""
+    lat = np.concatenate([np.asarray(r.get("latencies_ms", []), float) for r in rounds])
+    ok = [r["requests"] - r["errors"] for r in rounds]
+    span = sum(r["seconds"] for r in rounds)
+    mean = float(lat.mean()) if len(lat) else 0.0
+    pairs = list(zip(np.asarray(ok, float) / max(1, sum(ok)), rounds, strict=True))
+    stage = {
+        k: round(float(sum(w * r["stage_mean_ms"].get(k, 0.0) for w, r in pairs)), 3)
+        for k in rounds[0]["stage_mean_ms"]
+    }
+    row = {
+        "concurrency": rounds[0]["concurrency"],
+        "requests": sum(r["requests"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "seconds": round(span, 3),
+        "requests_per_s": round(sum(ok) / span, 2) if span > 0 else 0.0,
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+        "mean_ms": round(mean, 2),
+        "stage_mean_ms": stage,
+        "outside_model_fraction": round(1 - stage.get("model", 0.0) / mean, 3) if mean else None,
+        "rounds_requests_per_s": [r["requests_per_s"] for r in rounds],
+    }
+    if "batch_calls" in rounds[0]:
+        calls = sum(r["batch_calls"] for r in rounds)
+        images = sum(r["batch_images"] for r in rounds)
+        row["mean_encoder_batch"] = round(images / calls, 2) if calls > 0 else None
+    return row
+
+
+def measure_interleaved(
+    urls: dict[str, str],
+    image: Path,
+    levels_of: dict[str, tuple[Level, ...]],
+    rounds: int = ROUNDS,
 ) -> dict[str, list[dict]]:
-    """One server of `variant` (a peer's when `peer_model` is given), every workload on it."""
-    from benchmarks.peers import running_peer
-
-    log_file = logs / f"{run.name}-{variant}.log"
-    if peer_model is not None:
-        server = running_peer(variant, peer_model, log_file)
-    else:
-        server = running_server(run, variant, log_file)
-    out: dict[str, list[dict]] = {}
-    with server as url:
-        for name, (image, levels) in workloads.items():
-            out[name] = _measure(url, variant, image, levels)
-            for row in out[name]:
-                log.info("%s %s %s c=%d: %.1f req/s", run.name, variant, name,
-                         row["concurrency"], row["requests_per_s"])  # fmt: skip
-    return out
+    """Every server in `urls` (variant -> base URL) on `image` at its levels, the variants
+    interleaved within each of `rounds` rounds (see ROUNDS)."""
+    names = list(urls)
+    for v in names:  # warm-up: first calls, allocations
+        run_load_process(urls[v], image, Level(2, 6, 30.0))
+    depth = max(len(levels_of[v]) for v in names)
+    got: dict[str, list[list[dict]]] = {v: [[] for _ in levels_of[v]] for v in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for i in range(depth):
+            for v in order:
+                if i < len(levels_of[v]):
+                    level = _split(levels_of[v][i], rounds)
+                    got[v][i].append(_measure_level(urls[v], v, image, level))
+    return {v: [combine_rounds(x) for x in got[v]] for v in names}
 
 
 def run(
@@ -530,7 +576,7 @@ def run(
     """The whole benchmark (--quick: the tiny CLIP, the 256 px and 1080p JPEGs, the service,
     its full-decode variant and the reference, short levels); `workloads` and `only` (variant
     names) narrow it for a shorter measurement."""
-    from benchmarks.peers import PEERS, ensure_venv, versions, write_model
+    from benchmarks.peers import PEERS, ensure_venv, running_peer, versions, write_model
     from serving.backends import cpu_count
 
     t0 = time.time()
@@ -559,28 +605,39 @@ def run(
             if quick or only:  # `only`: these variants (and peers) of the plan
                 keep = only or ("ort", "ort-full-decode", "bare")
                 variants = [v for v in variants if v in keep]
-            plan_of: dict[str, dict[str, tuple[Path, tuple[Level, ...]]]] = {}
-            for v in variants:
-                plan_of[v] = {
-                    name: (path, levels if name == "jpeg256" else photo_levels)
-                    for name, path in images.items()
+            # variant -> workload -> levels (the 256 px JPEG for every variant of the plan,
+            # the other workloads for its photo variants; peers take every workload)
+            plan_of: dict[str, dict[str, tuple[Level, ...]]] = {
+                v: {
+                    name: levels if name == "jpeg256" else photo_levels
+                    for name in images
                     if (name == "jpeg256" and v in plan.variants) or v in plan.photo_variants
                 }
+                for v in variants
+            }
             by_workload: dict[str, dict[str, list[dict]]] = {name: {} for name in images}
-            for v in variants:
-                for name, rows in bench_variant(run_dir, v, plan_of[v], tmp_path).items():
-                    by_workload[name][v] = rows
-            if peers:
-                precision = "int8" if int8 else "fp32"
-                peer_model = write_model(run_dir, tmp_path / f"{model}-peer", precision)
-                all_images = {
-                    name: (path, levels if name == "jpeg256" else photo_levels)
-                    for name, path in images.items()
-                }
-                for peer in PEERS:
-                    measured = bench_variant(run_dir, peer, all_images, tmp_path, peer_model)
-                    for name, rows in measured.items():
-                        by_workload[name][peer] = rows
+            with contextlib.ExitStack() as servers:
+                urls: dict[str, str] = {}
+                for v in variants:
+                    log_file = tmp_path / f"{model}-{v}.log"
+                    urls[v] = servers.enter_context(running_server(run_dir, v, log_file))
+                if peers:
+                    precision = "int8" if int8 else "fp32"
+                    peer_model = write_model(run_dir, tmp_path / f"{model}-peer", precision)
+                    for peer in PEERS:
+                        log_file = tmp_path / f"{model}-{peer}.log"
+                        urls[peer] = servers.enter_context(running_peer(peer, peer_model, log_file))
+                        plan_of[peer] = {
+                            name: levels if name == "jpeg256" else photo_levels for name in images
+                        }
+                for name, image in images.items():
+                    takers = {v: u for v, u in urls.items() if name in plan_of[v]}
+                    levels_of = {v: plan_of[v][name] for v in takers}
+                    by_workload[name] = measure_interleaved(takers, image, levels_of)
+                    for v, rows in by_workload[name].items():
+                        for row in rows:
+                            log.info("%s %s %s c=%d: %.1f req/s", model, v, name,
+                                     row["concurrency"], row["requests_per_s"])  # fmt: skip
             results[model].update(by_workload)
     return {
         "bench": "serving",

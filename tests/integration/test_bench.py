@@ -216,3 +216,23 @@ def test_bench_load_labels_each_part_with_its_own_media_type():
     assert body.count(b"Content-Type: image/jpeg") == 1
     assert body.count(b"Content-Type: image/png") == 1
     assert b"Content-Type: image/png" in multipart(screenshot_png(), "image", "image/png")
+
+
+def test_bench_serving_rounds_combine_into_one_row_per_level():
+    """A level measured in rounds: throughput over the rounds' summed time (not a mean of
+    rates), percentiles of the pooled latencies, errors and requests added up."""
+    from benchmarks.serving import combine_rounds
+
+    def rnd(lat: list[float], seconds: float, errors: int = 0) -> dict:
+        return {"concurrency": 8, "requests": len(lat) + errors, "errors": errors,
+                "seconds": seconds, "requests_per_s": len(lat) / seconds, "latencies_ms": lat,
+                "stage_mean_ms": {"model": 2.0}}  # fmt: skip
+
+    row = combine_rounds([rnd([10.0] * 90, 1.0), rnd([30.0] * 10, 1.0, errors=2)])
+    assert row["requests"] == 102 and row["errors"] == 2 and row["seconds"] == 2.0
+    assert row["requests_per_s"] == 50.0  # 100 answers in 2 s (the mean of rates: 50 too)
+    assert row["p50_ms"] == 10.0 and row["p99_ms"] == 30.0 and row["mean_ms"] == 12.0
+    assert row["rounds_requests_per_s"] == [90.0, 10.0]
+    row = combine_rounds([rnd([10.0] * 90, 1.0), rnd([10.0] * 10, 9.0)])
+    assert row["requests_per_s"] == 10.0  # 100 in 10 s, where the mean of rates says 45.6
+    assert "latencies_ms" not in row and row["stage_mean_ms"] == {"model": 2.0}
