@@ -263,7 +263,6 @@ def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
     t_down = time.perf_counter() + plan.down_seconds
     down = probe.figures(*probe.run(lambda: time.perf_counter() >= t_down))
     buffered = edge_state.traffic_count("")
-    dropped = _metric(edge.url, "mp2a_traffic_dropped_total") - dropped0
     hub.start()
     t_back = time.time()
     delivered_by = _wait(
@@ -271,6 +270,9 @@ def _run(plan: EdgePlan, work: Path, stack: contextlib.ExitStack) -> dict:
         lambda: edge_state.traffic_count("") == 0 and time.time(),
         600,
     )
+    # read once drained: the buffer's cap is applied once a second, so the last evictions
+    # of the outage may come after the hub is back
+    dropped = _metric(edge.url, "mp2a_traffic_dropped_total") - dropped0
     after_hub = hub_state.traffic_count(PROBED) - at_hub
     t_after = time.perf_counter() + plan.probe_seconds
     after = probe.figures(*probe.run(lambda: time.perf_counter() >= t_after))

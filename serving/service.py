@@ -276,7 +276,6 @@ class Mp2aService:
 
 
 _limiter: anyio.CapacityLimiter | None = None
-_service: Mp2aService | None = None  # this worker's instance, once BentoML has made it
 
 
 async def answer_upload(path: str, files: list[bytes]) -> Response:
@@ -284,13 +283,11 @@ async def answer_upload(path: str, files: list[bytes]) -> Response:
     (serving/guard.py): the API methods' own `_answer`, in a worker thread, so decoding,
     preprocessing and the wait for the batch never block the event loop. At most
     MP2A_THREADS requests at once, like BentoML's own thread pool."""
-    global _limiter, _service
-    svc = _service
-    if svc is None:
-        try:
-            svc = _service = bentoml.get_current_service()
-        except Exception:  # BentoML: "service isn't instantiated yet"
-            svc = None
+    global _limiter
+    try:
+        svc = bentoml.get_current_service()
+    except Exception:  # BentoML: "service isn't instantiated yet"
+        svc = None
     if svc is None:
         return JSONResponse({"error": "the model is not loaded yet; retry shortly"}, 503)
     batch = path == "/predict_batch"
