@@ -62,7 +62,6 @@ BUSY_TIMEOUT_MS = 30_000  # another process's write transaction is milliseconds;
 # pass walks the rows (O(rows) for the count and the cut), so one per written batch took a
 # third of a core at 150 req/s; the row cap may be exceeded by one interval's traffic.
 RETENTION_INTERVAL_S = 1.0
-WRITE_INTERVAL_S = 0.05  # the writer gathers what arrives for this long between inserts
 RECONNECT_S = 2.0  # a writer that lost its backend tries again after this long
 CHECK_S = 300.0  # quick_check reads every page: 0.33 s for 20k 512-d rows (83 MB) here
 _checked: set[tuple[str, int | None]] = set()  # (file, inode) this process checked at open
@@ -255,7 +254,6 @@ class TrafficStore:
         self._rng = random.Random(config.seed)
         self._queue: queue.Queue[_Sample] = queue.Queue(maxsize=config.queue_size)
         self._stop = threading.Event()
-        self._last_write = 0.0  # monotonic time of the writer's last take
         self._thread: threading.Thread | None = None
         self._init_schema()
         if start:
@@ -474,13 +472,6 @@ class TrafficStore:
             batch = [self._queue.get(timeout=0.2)]
         except queue.Empty:
             return []
-        # at most one insert per WRITE_INTERVAL_S unless a whole batch is waiting: a sample
-        # per transaction (what a steady trickle of requests gave) cost the writer a commit
-        # and two stat calls each, ~12 % of the server's CPU at c = 8 on small images
-        wait = self._last_write + WRITE_INTERVAL_S - time.monotonic()
-        if wait > 0 and self._queue.qsize() + 1 < self.config.batch_size:
-            self._stop.wait(wait)
-        self._last_write = time.monotonic()
         while len(batch) < self.config.batch_size:
             try:
                 batch.append(self._queue.get_nowait())
