@@ -30,7 +30,7 @@ from adapt.data import (
     warn_missing_classes,
 )
 from adapt.data import read_domain as _read_domain
-from adapt.features import cached_features
+from adapt.features import Extractor, cached_features, extractor
 from adapt.models import DEFAULT_MODEL, LoadedModel, load_model
 from adapt.progressive import Evaluate, FitConfig, fit
 from adapt.prompts import MultiPromptLearner
@@ -79,9 +79,13 @@ class Encoded:
 
 
 def encode_domain(
-    lm: LoadedModel, d: DomainData, cache_dir: Path | None, progress: bool
+    lm: LoadedModel,
+    d: DomainData,
+    cache_dir: Path | None,
+    progress: bool,
+    engine: Extractor | None = None,
 ) -> Encoded:
-    feats, valid = cached_features(lm, d.files, cache_dir, progress=progress)
+    feats, valid = cached_features(lm, d.files, cache_dir, progress=progress, engine=engine)
     skipped = int((~valid).sum())
     if skipped:
         log.warning("domain %s: skipped %d undecodable image(s)", d.name, skipped)
@@ -204,11 +208,16 @@ def adapt(req: AdaptRequest) -> dict:
     template = req.template or ds.prompt_template or DEFAULT_TEMPLATE
 
     lm = load_model(req.model, req.pretrained)
-    enc = lambda d: encode_domain(lm, d, req.cache_dir, req.progress)  # noqa: E731
+    engine = extractor(lm)  # ONNX Runtime where this encoder was exported, else torch
+    enc = lambda d: encode_domain(lm, d, req.cache_dir, req.progress, engine)  # noqa: E731
     target = enc(_read(ds, req.target, "train"))
     # DomainNet-style lists: adapt on the target's train split, report on its test split.
     test = enc(_read_domain(ds, req.target, "test")) if has_splits(ds, req.target) else target
     srcs = [enc(_read(ds, s, "train")) for s in sources]
+    if engine.images:
+        f = engine.figures()
+        log.info("encoded %d images with %s (%s img/s)", f["images_encoded"], f["engine"],
+                 f["images_per_s"])  # fmt: skip
     for s in srcs:
         if not s.labeled:
             raise DataError(f"source domain {s.name!r} has unlabeled images; sources need labels")
@@ -267,6 +276,7 @@ def adapt(req: AdaptRequest) -> dict:
         "n_target": len(target.labels),
         "n_test": len(test.labels),
         "skipped_images": target.skipped + sum(s.skipped for s in srcs),
+        "feature_extraction": engine.figures(),  # images the cache did not hold
         "warnings": warnings,
         "model": lm.backbone.model,
         "template": template,

@@ -1,9 +1,16 @@
-"""`mp2a bench adapt --json`: one adaptation epoch on cached features vs re-encoding images.
+"""`mp2a bench adapt --json`: one adaptation epoch on cached features vs re-encoding images,
+and feature extraction with torch vs ONNX Runtime.
 
-Both paths run the same prompt-training steps on the same images (3 sources + the target,
-`batch` images each per step). The re-encoding path does what the reference implementation
-of MPA does: decode, preprocess and run the frozen image tower on every batch. The cached
-path encodes once (timed separately: `cache_build_seconds`) and then trains on features.
+Both epoch paths run the same prompt-training steps on the same images (3 sources + the
+target, `batch` images each per step). The re-encoding path does what the reference
+implementation of MPA does: decode, preprocess and run the frozen image tower (torch) on
+every batch. The cached path encodes once (timed separately: `cache_build_seconds`) and then
+trains on features.
+
+`extraction`: every domain's images encoded (decode and preprocessing included) by torch and
+by ONNX Runtime over the encoder `mp2a export` writes, in `ROUNDS` rounds taking turns, with
+the lowest cosine between the two engines' features: what `mp2a adapt` gains by extracting
+with ONNX Runtime where the encoder was exported (adapt/features.py).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import numpy as np
 import torch
 
 from adapt.data import open_dataset, read_domain
-from adapt.features import encode_files
+from adapt.features import encode_files, extractor, min_cosine, onnx_extractor
 from adapt.models import LoadedModel, load_model
 from adapt.progressive import make_optimizer, train_step
 from adapt.prompts import MultiPromptLearner
@@ -32,6 +39,7 @@ def _epoch(
 ) -> float:
     """Seconds for one pass over the target, `batch` images per domain per step."""
     opt = make_optimizer(learner, 2e-3)
+    torch_engine = extractor(lm, "torch")  # the reference implementation's engine
     scale = float(lm.model.logit_scale.exp())
     n_steps = max(1, len(files[-1]) // batch)
     t0 = time.perf_counter()
@@ -40,7 +48,9 @@ def _epoch(
         feats = []
         for d, fs in enumerate(files):
             if cached is None:
-                f, _ = encode_files(lm, fs[sl], batch_size=batch, progress=False)
+                f, _ = encode_files(
+                    lm, fs[sl], batch_size=batch, progress=False, engine=torch_engine
+                )
             else:
                 f = cached[d][sl]
             feats.append(torch.from_numpy(f))
@@ -57,7 +67,10 @@ def bench_model(name: str, pretrained: str | None, data: Path, images: int, batc
     files = [read_domain(ds, d).files[:images] for d in doms]
     labels = [read_domain(ds, d).labels[:images] for d in doms]
     t0 = time.perf_counter()
-    cached = [encode_files(lm, f, batch_size=batch, progress=False)[0] for f in files]
+    cached = [
+        encode_files(lm, f, batch_size=batch, progress=False, engine=extractor(lm, "torch"))[0]
+        for f in files
+    ]
     build = time.perf_counter() - t0
     template = ds.prompt_template or "a photo of a {}."
     learner = MultiPromptLearner(lm, ds.classes, len(doms) - 1, template)
@@ -74,6 +87,39 @@ def bench_model(name: str, pretrained: str | None, data: Path, images: int, batc
         "epoch_seconds_cached": round(t_cached, 4),
         "epoch_seconds_reencode": round(t_reencode, 4),
         "speedup": round(t_reencode / t_cached, 2),
+        "extraction": extraction(lm, [f for fs in files for f in fs]),
+    }
+
+
+ROUNDS = 3
+
+
+def extraction(lm: LoadedModel, files: list[Path], batch: int = 256) -> dict:
+    """torch vs ONNX Runtime over the same files in `mp2a adapt`'s batches, rounds taking
+    turns (order reversed every other round); images/s per round, the median round's ratio."""
+    from export.onnx_export import cached_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, _ = cached_encoder(lm, Path(tmp))
+        engines = {"torch": extractor(lm, "torch"), "onnx": onnx_extractor(lm, path)}
+        encode_files(lm, files[:batch], batch_size=batch, progress=False, engine=engines["onnx"])
+        rates: dict[str, list[float]] = {k: [] for k in engines}
+        feats = {}
+        for r in range(ROUNDS):
+            for name in list(engines)[:: 1 if r % 2 == 0 else -1]:
+                t0 = time.perf_counter()
+                feats[name], _ = encode_files(
+                    lm, files, batch_size=batch, progress=False, engine=engines[name]
+                )
+                rates[name].append(round(len(files) / (time.perf_counter() - t0), 1))
+    ratios = sorted(o / t for o, t in zip(rates["onnx"], rates["torch"], strict=True))
+    return {
+        "images": len(files),
+        "rounds": ROUNDS,
+        "images_per_s_torch": rates["torch"],
+        "images_per_s_onnx": rates["onnx"],
+        "onnx_over_torch": round(ratios[len(ratios) // 2], 2),
+        "min_cosine": round(min_cosine(feats["torch"], feats["onnx"]), 7),
     }
 
 

@@ -135,3 +135,25 @@ def test_mp2a_and_its_transductive_variants_beat_zeroshot_with_tiny_clip(tmp_pat
     assert [r["kind"] for r in art.manifest["head_rows"]] == ["prompt"] * 3 + ["prototype"]
     fit = art.metrics()["head"]
     assert fit["prompt_rows"] == 3 and fit["relabelled"] <= 0.2 and fit["kl_weight"] >= 1
+
+
+def test_adapt_extracts_with_onnx_runtime_once_the_encoder_is_exported(
+    tmp_path, digits_small, micro_model_dir, monkeypatch
+):
+    """The first run encodes with torch; once `mp2a export` has exported these weights'
+    encoder, a run encodes with ONNX Runtime (metrics.json says which), to the same features."""
+    from mp2a.artifact import SOURCE_FEATURES_FILE
+
+    monkeypatch.setenv("MP2A_CACHE_DIR", str(tmp_path / "cache" / "features"))
+    common = ["--model", str(micro_model_dir), "--method", "zeroshot", "--no-cache", "--quiet"]
+    assert _adapt(digits_small, "street", tmp_path / "a", *common) == 0
+    assert main(["export", str(tmp_path / "a"), "--format", "onnx"]) == 0
+    assert _adapt(digits_small, "street", tmp_path / "b", *common) == 0
+    a, b = load_artifact(tmp_path / "a"), load_artifact(tmp_path / "b")
+    fa, fb = a.metrics()["feature_extraction"], b.metrics()["feature_extraction"]
+    assert fa["engine"] == "torch" and fb["engine"] == "onnx", (fa, fb)
+    assert fa["images_encoded"] == fb["images_encoded"] == 160  # 4 domains x 40 images
+    assert fb["parity_min_cosine"] >= 0.9999
+    xa, xb = a.tensors(SOURCE_FEATURES_FILE), b.tensors(SOURCE_FEATURES_FILE)
+    np.testing.assert_allclose(xa["features"], xb["features"], atol=1e-5)
+    assert a.metrics()["target_accuracy"] == b.metrics()["target_accuracy"]

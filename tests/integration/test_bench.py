@@ -22,6 +22,11 @@ def test_bench_quick_prints_one_json_object(what, capsys):
         assert row["speedup"] == pytest.approx(
             row["epoch_seconds_reencode"] / row["epoch_seconds_cached"], rel=0.01
         )
+        ex = row["extraction"]  # torch vs ONNX Runtime over the same images
+        assert ex["images"] == 4 * row["images_per_domain"] and ex["rounds"] == 3
+        assert len(ex["images_per_s_torch"]) == len(ex["images_per_s_onnx"]) == 3
+        assert min(ex["images_per_s_torch"] + ex["images_per_s_onnx"]) > 0
+        assert ex["min_cosine"] >= 0.9999
     else:
         assert r["matmul_fp32_gflops"] > 0
         assert {1, 32} == {x["batch"] for x in r["results"]}

@@ -2,6 +2,7 @@ import logging
 import os
 
 import numpy as np
+import pytest
 
 from adapt.data import open_dataset, read_domain
 from adapt.features import cache_key, cached_features, encode_files
@@ -73,3 +74,96 @@ def test_key_changes_with_the_decode_path(tmp_path, digits_small, micro_model_di
     assert cache_key(lm, files) != k
     monkeypatch.setenv("MP2A_DECODE_DRAFT", str(DRAFT_FACTOR))
     assert cache_key(lm, files) == k
+
+
+# -- the engine: ONNX Runtime where the encoder was exported, torch otherwise ------------------
+def _exported(lm, tmp_path, monkeypatch):
+    """Point the ONNX cache (export/onnx_export.py) into tmp_path and export lm's encoder."""
+    from export.onnx_export import cached_encoder, default_cache_dir
+
+    monkeypatch.setenv("MP2A_CACHE_DIR", str(tmp_path / "cache" / "features"))
+    path, reused = cached_encoder(lm, default_cache_dir())
+    assert not reused and path.is_relative_to(tmp_path)
+    return path
+
+
+def test_auto_engine_uses_the_exported_encoder_and_agrees_with_torch(
+    tmp_path, digits_small, micro_model_dir, monkeypatch
+):
+    from adapt.features import exported_encoder, extractor
+
+    lm = load_model(str(micro_model_dir))
+    files = read_domain(open_dataset(digits_small), "printed").files[:20]
+    monkeypatch.setenv("MP2A_CACHE_DIR", str(tmp_path / "nothing" / "features"))
+    assert exported_encoder(lm) is None
+    assert extractor(lm).engine == "torch"  # nothing exported here yet
+    path = _exported(lm, tmp_path, monkeypatch)
+    assert exported_encoder(lm) == path
+    ex = extractor(lm)
+    assert ex.engine == "onnx"
+    f_onnx, v = encode_files(lm, files, batch_size=7, progress=False, engine=ex)
+    f_torch, _ = encode_files(lm, files, progress=False, engine=extractor(lm, "torch"))
+    assert v.all()
+    np.testing.assert_allclose(f_onnx, f_torch, atol=1e-5)
+    fig = ex.figures()
+    assert fig["engine"] == "onnx" and fig["images_encoded"] == 20
+    assert fig["parity_min_cosine"] >= 0.9999 and fig["images_per_s"] > 0
+
+
+def test_an_encoder_that_disagrees_or_is_broken_falls_back_to_torch(
+    tmp_path, digits_small, micro_model_dir, monkeypatch, caplog
+):
+    """Another model's graph under this model's key, or a damaged file: auto encodes with
+    torch and says why; MP2A_EXTRACT_ENGINE=onnx refuses with an error naming the file."""
+    import open_clip
+    import torch
+
+    from adapt.features import extractor
+    from export.onnx_export import export_encoder
+    from mp2a.errors import ModelError
+
+    lm = load_model(str(micro_model_dir))
+    files = read_domain(open_dataset(digits_small), "street").files[:10]
+    path = _exported(lm, tmp_path, monkeypatch)
+    want, _ = encode_files(lm, files, progress=False, engine=extractor(lm, "torch"))
+    torch.manual_seed(1)  # the same architecture, other weights
+    other = load_model(str(micro_model_dir))
+    other.model.visual.load_state_dict(
+        open_clip.create_model(
+            "local-dir:" + str(micro_model_dir), load_weights=False
+        ).visual.state_dict()
+    )
+    export_encoder(other, path)
+    caplog.set_level(logging.WARNING, logger="adapt.features")
+    for content, why in ((None, "disagrees with the model"), (b"not an onnx graph", "cannot run")):
+        if content is not None:
+            path.write_bytes(content)
+        ex = extractor(lm)
+        got, _ = encode_files(lm, files, batch_size=4, progress=False, engine=ex)
+        np.testing.assert_allclose(got, want, atol=1e-6)  # torch's features
+        assert ex.figures()["engine"] == "torch"
+        assert why in caplog.text and "encoding with torch" in caplog.text
+        assert str(path) in caplog.text
+        caplog.clear()
+        monkeypatch.setenv("MP2A_EXTRACT_ENGINE", "onnx")
+        try:
+            with pytest.raises(ModelError, match="mp2a export"):
+                encode_files(lm, files, progress=False)
+        finally:
+            monkeypatch.delenv("MP2A_EXTRACT_ENGINE")
+
+
+def test_engine_choice_errors_say_how_to_fix(tmp_path, micro_model_dir, monkeypatch):
+    from adapt.features import extractor
+    from mp2a.errors import ModelError
+
+    lm = load_model(str(micro_model_dir))
+    monkeypatch.setenv("MP2A_CACHE_DIR", str(tmp_path / "features"))
+    monkeypatch.setenv("MP2A_EXTRACT_ENGINE", "tensorflow")
+    with pytest.raises(ModelError, match="choose auto, torch, onnx"):
+        extractor(lm)
+    monkeypatch.setenv("MP2A_EXTRACT_ENGINE", "onnx")
+    with pytest.raises(ModelError, match="has not been exported here"):
+        extractor(lm)
+    monkeypatch.setenv("MP2A_EXTRACT_ENGINE", "torch")
+    assert extractor(lm).engine == "torch"
