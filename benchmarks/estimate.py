@@ -22,6 +22,15 @@ Artifacts are made by `mp2a adapt` (zeroshot, mp2a-t), streams embedded by the a
 frozen encoder. The figures are one JSON object; `targets` says which targets were met
 (null: not measured by the plan). `python -m benchmarks.estimate --heldout [WORK]` runs the
 same on held-out styles (HELDOUT) that nothing was chosen on.
+
+`slices`: each size drawn `slices` times from the stream, disjoint (slice k: samples k·n to
+(k+1)·n; the candidate is scored on the rest of the stream), so that a decision is measured
+on several draws rather than one: at a few hundred samples the candidate's true gain moves
+by several points from one draw to the next. `python -m benchmarks.estimate --spread [WORK]`
+runs the labelled streams at 300 and 1,000 samples × 6 slices; `--spread --heldout` the
+held-out styles. `served_change_by_rule`: per gain rule, the served accuracy's mean change
+per run (a true gain where the rule accepts, 0 where it rejects): what a site gets from the
+loop under that rule.
 """
 
 from __future__ import annotations
@@ -76,11 +85,19 @@ class EstimatePlan:
     drift_chunk: int = 50  # samples between checks
     drift_adapt_after: int = 400  # the drift run waits for, and adapts on, this many new ones
     cross: int = 0  # held-out styles: n samples of each served by the previous style's head
+    slices: int = 1  # disjoint draws of each size (module docstring)
 
     @classmethod
     def heldout(cls) -> EstimatePlan:
         """The held-out styles alone (both bases), and the drift run."""
         return cls(streams=tuple(HELDOUT), sizes=(300, 1000, 3000), cross=1000)
+
+    @classmethod
+    def spread(cls, heldout: bool = False) -> EstimatePlan:
+        """Six draws of 300 and of 1,000 samples per stream: the labelled streams (harmful
+        ones aside: the guards decide those, every draw alike) or the held-out styles."""
+        streams = tuple(HELDOUT) if heldout else (*DIGITS, *SHIFT, MIXED)
+        return cls(streams=streams, sizes=(300, 1000), slices=6)
 
     @classmethod
     def quick(cls) -> EstimatePlan:
@@ -280,21 +297,37 @@ def _acc(head, x: np.ndarray, y: np.ndarray) -> float | None:
     return float((head.probs(x[m]).argmax(1) == y[m]).mean()) if m.any() else None
 
 
+def slice_starts(n: int, total: int, slices: int) -> list[int]:
+    """Where each disjoint draw of `n` samples starts: the first always; another only where it
+    leaves at least `n` of the `total` samples unseen by it."""
+    return [k * n for k in range(max(1, slices)) if k == 0 or (k + 1) * n <= total - n]
+
+
 def _case(
-    run: Path, stream: str, x: np.ndarray, y: np.ndarray, n: int, cfg, keep: Path | None = None
+    run: Path,
+    stream: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    n: int,
+    cfg,
+    keep: Path | None = None,
+    start: int = 0,
 ) -> dict:
-    """One base × stream × size: the estimators on the serving head, the worker's candidate
-    and the gate, each against the truth."""
+    """One base × stream × size × draw (samples `start` to `start` + n): the estimators on
+    the serving head, the worker's candidate and the gate, each against the truth."""
     from mp2a.artifact import SOURCE_FEATURES_FILE, load_artifact
     from online import estimate, gate, worker
 
     art = load_artifact(run)
     sf = art.tensors(SOURCE_FEATURES_FILE)
     src = estimate.source_view(art.head, sf["features"], sf["labels"], sf["domains"])
-    traffic, unseen_x, unseen_y = x[:n], x[n:], y[n:]
-    in_set = y[:n] >= 0
-    true_s = _acc(art.head, traffic, y[:n])
-    row: dict = {"stream": stream, "n": n, "true_serving": true_s}
+    draw = slice(start, start + n)
+    traffic, y_t = x[draw], y[draw]
+    unseen_x = np.concatenate([x[:start], x[start + n :]])
+    unseen_y = np.concatenate([y[:start], y[start + n :]])
+    in_set = y_t >= 0
+    true_s = _acc(art.head, traffic, y_t)
+    row: dict = {"stream": stream, "n": n, "slice": start // n, "true_serving": true_s}
     est = {}
     for method in estimate.all_methods():
         e = estimate.estimate(
@@ -312,12 +345,13 @@ def _case(
         from safetensors.numpy import save_file
 
         keep.mkdir(parents=True, exist_ok=True)
-        save_file(cand.head.tensors(), str(keep / f"{run.name}-{stream}-{n}.safetensors"))
+        tag = f"{run.name}-{stream}-{n}" + (f"-{start // n}" if start else "")
+        save_file(cand.head.tensors(), str(keep / f"{tag}.safetensors"))
     # the truth of the gain: the stream's images the candidate never trained on
     hold = gate.holdout_mask(len(kept))
     keep_idx = _kept_index(traffic, kept)
     eval_x = np.concatenate([kept[hold], unseen_x])
-    eval_y = np.concatenate([y[:n][keep_idx][hold], unseen_y])
+    eval_y = np.concatenate([y_t[keep_idx][hold], unseen_y])
     true_c = _acc(cand.head, eval_x, eval_y)
     true_s_eval = _acc(art.head, eval_x, eval_y)
     row.update(
@@ -608,17 +642,32 @@ def _summary(cases: list[dict]) -> dict:
         # guards: measured beside the gate's decision, not part of it
         for rule, tally in by_rule.items():
             tally[f"{kind}_{'accepted' if decide(c, rule) else 'rejected'}"] += 1
-    # the mixed stream against its clean stream (lcd): where the clean one gains
-    clean = {(c["base"], c["n"]): c for c in cases if c["stream"] == "lcd"}
+    # what a site gets under each rule: the served accuracy's mean change per run
+    served = {}
+    for rule in ("recorded", *gate.GAIN_CORRECTIONS):
+        rows = [c for c in cases if _kind(c) != "harmful"]
+        took = [c["accepted"] if rule == "recorded" else decide(c, rule) for c in rows]
+        served[rule] = {
+            "runs": len(rows),
+            "accepted": int(sum(took)),
+            "mean_change": round(
+                float(np.mean([c["true_gain"] * t for c, t in zip(rows, took, strict=True)])), 4
+            )
+            if rows
+            else None,
+        }
+    # the mixed stream against its clean stream (lcd), draw by draw: where the clean one gains
+    clean = {(c["base"], c["n"], c.get("slice", 0)): c for c in cases if c["stream"] == "lcd"}
     mixed = []
     for c in cases:
-        ref = clean.get((c["base"], c["n"]))
+        ref = clean.get((c["base"], c["n"], c.get("slice", 0)))
         if c["stream"] != MIXED or ref is None or (ref["true_gain"] or 0) < 0.02:
             continue
         mixed.append(
             {
                 "base": c["base"],
                 "n": c["n"],
+                "slice": c.get("slice", 0),
                 "accepted": c["accepted"],
                 "gain": c["true_gain"],
                 "clean_gain": ref["true_gain"],
@@ -632,7 +681,26 @@ def _summary(cases: list[dict]) -> dict:
         "gate_confusion_by_rule": by_rule,
         "gate_confusion_gain_less_source_bias": by_rule["sources"],
         "mixed_vs_clean": mixed,
+        "mixed_vs_clean_mean": _mixed_means(cases),
+        "served_change_by_rule": served,
     }
+
+
+def _mixed_means(cases: list[dict]) -> list[dict]:
+    """Per base and size over every draw: the mixed stream's mean true gain against the
+    clean lcd stream's (one draw's ratio is mostly the draw's luck)."""
+    out = []
+    for base, n in sorted({(c["base"], c["n"]) for c in cases if c["stream"] == MIXED}):
+        g = {s: [c["true_gain"] for c in cases if (c["stream"], c["base"], c["n"]) == (s, base, n)
+                 and c["true_gain"] is not None] for s in (MIXED, "lcd")}  # fmt: skip
+        if not g[MIXED] or not g["lcd"]:
+            continue
+        m, cl = float(np.mean(g[MIXED])), float(np.mean(g["lcd"]))
+        acc = [c["accepted"] for c in cases if (c["stream"], c["base"], c["n"]) == (MIXED, base, n)]
+        out.append({"base": base, "n": n, "draws": len(g[MIXED]), "mean_gain": round(m, 4),
+                    "clean_mean_gain": round(cl, 4), "accepted": int(sum(acc)),
+                    "ratio": round(m / cl, 3) if cl > 0 else None})  # fmt: skip
+    return out
 
 
 def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None = None) -> dict:
@@ -655,16 +723,19 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
                     if n > len(x):
                         continue
                     run_dir = work / f"{base}-{_base_domain(stream)}"
-                    row = _case(run_dir, stream, x, y, n, cfg, None if own else work / "cands")
-                    row["base"] = base
-                    cases.append(row)
-                    log.info(
-                        "%s %s %d: %s",
-                        base,
-                        stream,
-                        n,
-                        {k: row[k] for k in ("true_gain", "accepted", "estimated_gain")},
-                    )
+                    for start in slice_starts(n, len(x), plan.slices):
+                        kept = None if own else work / "cands"
+                        row = _case(run_dir, stream, x, y, n, cfg, kept, start)
+                        row["base"] = base
+                        cases.append(row)
+                        log.info(
+                            "%s %s %d (slice %d): %s",
+                            base,
+                            stream,
+                            n,
+                            row["slice"],
+                            {k: row[k] for k in ("true_gain", "accepted", "estimated_gain")},
+                        )
         full = plan == EstimatePlan()
         plot = REPO_ROOT / "docs" / "drift.png" if full else work / "drift.png"
         drift = _drift(plan, work / f"{plan.bases[0]}-printed", streams, work, cfg, plot)
@@ -711,6 +782,7 @@ def markdown(r: dict) -> str:
     """docs/ESTIMATES.md's tables from one run's JSON (`python -m benchmarks.estimate
     --markdown RESULT.json`)."""
     pts = lambda v: "—" if v is None else f"{100 * v:+.1f}"  # noqa: E731
+    nn = lambda c: f"{c['n']}" + (f" #{c['slice']}" if c.get("slice") else "")  # noqa: E731
     out = ["## Estimators of the serving head's accuracy", ""]
     out += ["| method | MAE (pts) | max (pts) | bias (pts) | cases |", "|---|---:|---:|---:|---:|"]
     for m, e in sorted(r["estimator_error"].items(), key=lambda kv: kv[1]["mae"]):
@@ -733,7 +805,7 @@ def markdown(r: dict) -> str:
             v = c["estimates_serving"][m]["value"]
             cells.append("—" if v is None else pts(v - c["true_serving"]))
         out.append(
-            f"| {c['base']} | {c['stream']} | {c['n']} | {100 * c['true_serving']:.1f} | "
+            f"| {c['base']} | {c['stream']} | {nn(c)} | {100 * c['true_serving']:.1f} | "
             + " | ".join(cells)
             + " |"
         )
@@ -750,7 +822,7 @@ def markdown(r: dict) -> str:
         raw = c.get("estimated_gain_raw", eg)  # a run before the field: its gate's was plain
         less = "—" if b is None or raw is None else pts(raw - b[0])
         out.append(
-            f"| {c['base']} | {c['stream']} | {c['n']} | {pts(c['true_gain'])} | {est} | "
+            f"| {c['base']} | {c['stream']} | {nn(c)} | {pts(c['true_gain'])} | {est} | "
             f"{verdict} | {less} | {reason} |"
         )
     gc = r["gate_confusion"]
@@ -764,13 +836,31 @@ def markdown(r: dict) -> str:
         cells = [f"{t[k + '_accepted']} of {t[k + '_accepted'] + t[k + '_rejected']}"
                  for t in (gc, *rules.values())]  # fmt: skip
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    if r.get("served_change_by_rule"):
+        out += ["", "What a site gets under each rule: the served accuracy's mean change per run "
+                "(the true gain where the rule accepts, 0 where it rejects):", "",
+                "| rule | runs | accepted | mean change (pts) |",
+                "|---|---:|---:|---:|"]  # fmt: skip
+        for k, v in r["served_change_by_rule"].items():
+            name = k if k == "recorded" else f"`{k}`"
+            out.append(f"| {name} | {v['runs']} | {v['accepted']} | {pts(v['mean_change'])} |")
+    if r.get("mixed_vs_clean_mean"):
+        out += ["", "Mixed stream against the clean lcd stream, over every draw:", "",
+                "| base | n | draws | accepted | mean gain (pts) | clean mean gain (pts) | ratio |",
+                "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for m in r["mixed_vs_clean_mean"]:
+            ratio = "—" if m["ratio"] is None else f"{m['ratio']:.2f}"
+            out.append(
+                f"| {m['base']} | {m['n']} | {m['draws']} | {m['accepted']} | "
+                f"{pts(m['mean_gain'])} | {pts(m['clean_mean_gain'])} | {ratio} |"
+            )
     if r.get("mixed_vs_clean"):
         out += ["", "Mixed stream (lcd with letters) against the clean lcd stream:", ""]
         out += ["| base | n | accepted | gain (pts) | clean gain (pts) | ratio |",
                 "|---|---:|---|---:|---:|---:|"]  # fmt: skip
     for m in r.get("mixed_vs_clean", []):
         out.append(
-            f"| {m['base']} | {m['n']} | {m['accepted']} | {pts(m['gain'])} | "
+            f"| {m['base']} | {nn(m)} | {m['accepted']} | {pts(m['gain'])} | "
             f"{pts(m['clean_gain'])} | {m['ratio']:.2f} |"
         )
     if r.get("cross_style"):
@@ -815,11 +905,19 @@ def markdown(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    # python -m benchmarks.estimate [--quick | --heldout [WORK] | --markdown RESULT.json]
+    # python -m benchmarks.estimate [--quick | --heldout [WORK] | --spread [--heldout] [WORK]
+    #                                | --markdown RESULT.json]
     if sys.argv[1:2] == ["--markdown"]:
         print(markdown(json.loads(Path(sys.argv[2]).read_text())), end="")
         sys.exit(0)
     logging.basicConfig(level=logging.INFO)
+    if sys.argv[1:2] == ["--spread"]:  # --spread [--heldout] [WORK]
+        rest = sys.argv[2:]
+        held = "--heldout" in rest
+        rest = [a for a in rest if a != "--heldout"]
+        keep = Path(rest[0]) if rest else None
+        print(json.dumps(run(plan=EstimatePlan.spread(held), work=keep)))
+        sys.exit(0)
     if sys.argv[1:2] == ["--heldout"]:
         keep = Path(sys.argv[2]) if len(sys.argv) > 2 else None
         print(json.dumps(run(plan=EstimatePlan.heldout(), work=keep)))

@@ -56,6 +56,34 @@ def test_the_summary_counts_every_rule_against_the_truth():
     assert rules["none"]["loss>=1_accepted"] == 1 and rules["sources"]["gain>=2_rejected"] == 1
     assert all(r["harmful_rejected"] == 1 for r in rules.values())
     assert s["gate_confusion"] == rules["auto"]
+    # what a site gets: the true gain where the rule accepts, the harmful stream left out
+    served = s["served_change_by_rule"]
+    assert served["none"] == {"runs": 2, "accepted": 2, "mean_change": pytest.approx(0.01)}
+    assert served["auto"] == {"runs": 2, "accepted": 1, "mean_change": pytest.approx(0.025)}
+    assert served["sources"]["accepted"] == 0 and served["sources"]["mean_change"] == 0
+    assert served["recorded"] == served["auto"]
+
+
+def test_draws_are_disjoint_and_leave_unseen_samples():
+    assert be.slice_starts(300, 5000, 6) == [0, 300, 600, 900, 1200, 1500]
+    assert be.slice_starts(1000, 5000, 6) == [0, 1000, 2000, 3000]  # each leaves >= 1,000
+    assert be.slice_starts(1000, 4000, 6) == [0, 1000, 2000]
+    assert be.slice_starts(5000, 5000, 6) == [0]  # the first draw always
+    assert be.slice_starts(300, 5000, 1) == [0]
+
+
+def test_the_mixed_stream_is_compared_draw_by_draw_and_over_every_draw():
+    cases = [case(slice=0, true_gain=0.10), case(slice=1, true_gain=0.02),
+             case(stream="mixed", slice=0, true_gain=0.04),
+             case(stream="mixed", slice=1, true_gain=0.05)]  # fmt: skip
+    for c in cases:
+        c.update(true_serving=None, accepted=True)
+    s = be._summary(cases)
+    # draw by draw only where the clean draw gained >= 2 points
+    assert [(m["slice"], m["ratio"]) for m in s["mixed_vs_clean"]] == [(0, 0.4), (1, 2.5)]
+    (mean,) = s["mixed_vs_clean_mean"]
+    assert mean["draws"] == 2 and mean["accepted"] == 2
+    assert mean["mean_gain"] == pytest.approx(0.045) and mean["ratio"] == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("style", list(be.HELDOUT))
