@@ -163,6 +163,12 @@ def test_bench_estimate_quick_measures_every_decision_against_the_labels(capsys)
     assert set(r["gate_confusion_by_rule"]) == {"auto", "sources", "none"}
     assert r["gate_confusion_by_rule"]["auto"] == r["gate_confusion"]
     assert r["targets"]["mixed_accepted_with_80pct_of_clean_gain"] is None  # no mixed stream
+    assert lcd["slice"] == 0 and r["plan"]["slices"] == 1  # one draw per size
+    served = r["served_change_by_rule"]  # the harmful stream is not a run that can gain
+    assert served["recorded"]["runs"] == 1
+    assert served["recorded"]["mean_change"] == pytest.approx(
+        lcd["true_gain"] if lcd["accepted"] else 0.0, abs=1e-4
+    )
     d = r["drift"]
     assert d["triggers_before_change"] == 0
     assert d["samples_after_change_until_flagged"] is not None
