@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 
+from adapt import features
 from adapt.data import open_dataset, read_domain
 from adapt.features import cache_key, cached_features, encode_files
 from adapt.models import load_model
@@ -108,6 +109,12 @@ def test_auto_engine_uses_the_exported_encoder_and_agrees_with_torch(
     fig = ex.figures()
     assert fig["engine"] == "onnx" and fig["images_encoded"] == 20
     assert fig["parity_min_cosine"] >= 0.9999 and fig["images_per_s"] > 0
+    # a large model's batch goes to ONNX Runtime a few images at a time: the same features
+    monkeypatch.setattr(features, "ORT_PIXELS_PER_CALL", 3 * lm.preprocess.image_size**2)
+    small = extractor(lm)
+    f_small, _ = encode_files(lm, files, batch_size=7, progress=False, engine=small)
+    np.testing.assert_allclose(f_small, f_torch, atol=1e-5)
+    assert small.figures()["images_per_call"] == 3 and fig["images_per_call"] > 20
 
 
 def test_an_encoder_that_disagrees_or_is_broken_falls_back_to_torch(
