@@ -119,10 +119,10 @@ def _torch_run(lm: LoadedModel) -> Callable[[np.ndarray], np.ndarray]:
 def exported_encoder(lm: LoadedModel) -> Path | None:
     """The ONNX encoder `mp2a export` left for these weights (its cache), or None."""
     try:
-        from export.onnx_export import default_cache_dir, encoder_key
+        from export.onnx_export import encoder_path
     except ImportError:  # no onnx package: nothing can have been exported here
         return None
-    path = default_cache_dir() / encoder_key(lm) / "image_encoder.onnx"
+    path = encoder_path(lm)
     return path if path.is_file() else None
 
 

@@ -94,8 +94,9 @@ class EstimatePlan:
 
     @classmethod
     def spread(cls, heldout: bool = False) -> EstimatePlan:
-        """Six draws of 300 and of 1,000 samples per stream: the labelled streams (harmful
-        ones aside: the guards decide those, every draw alike) or the held-out styles."""
+        """Up to six draws of 300 and of 1,000 samples per stream (`slice_starts`: 6 and 4 of
+        a 5,000-sample stream): the labelled streams (harmful ones aside: the guards decide
+        those, every draw alike) or the held-out styles."""
         streams = tuple(HELDOUT) if heldout else (*DIGITS, *SHIFT, MIXED)
         return cls(streams=streams, sizes=(300, 1000), slices=6)
 
@@ -644,8 +645,8 @@ def _summary(cases: list[dict]) -> dict:
             tally[f"{kind}_{'accepted' if decide(c, rule) else 'rejected'}"] += 1
     # what a site gets under each rule: the served accuracy's mean change per run
     served = {}
+    rows = [c for c in cases if _kind(c) != "harmful"]
     for rule in ("recorded", *gate.GAIN_CORRECTIONS):
-        rows = [c for c in cases if _kind(c) != "harmful"]
         took = [c["accepted"] if rule == "recorded" else decide(c, rule) for c in rows]
         served[rule] = {
             "runs": len(rows),
@@ -723,9 +724,9 @@ def run(quick: bool = False, plan: EstimatePlan | None = None, work: Path | None
                     if n > len(x):
                         continue
                     run_dir = work / f"{base}-{_base_domain(stream)}"
+                    cands = None if own else work / "cands"
                     for start in slice_starts(n, len(x), plan.slices):
-                        kept = None if own else work / "cands"
-                        row = _case(run_dir, stream, x, y, n, cfg, kept, start)
+                        row = _case(run_dir, stream, x, y, n, cfg, cands, start)
                         row["base"] = base
                         cases.append(row)
                         log.info(

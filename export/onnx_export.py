@@ -90,10 +90,15 @@ def default_cache_dir() -> Path:
     return base / "onnx"
 
 
+def encoder_path(lm: LoadedModel, cache_dir: Path | None = None) -> Path:
+    """Where the cache keeps the backbone's exported encoder (it may not be there yet)."""
+    return (cache_dir or default_cache_dir()) / encoder_key(lm) / "image_encoder.onnx"
+
+
 def cached_encoder(lm: LoadedModel, cache_dir: Path | None = None) -> tuple[Path, bool]:
     """The backbone's encoder ONNX, exported on first use: (path, reused)."""
-    folder = (cache_dir or default_cache_dir()) / encoder_key(lm)
-    path = folder / "image_encoder.onnx"
+    path = encoder_path(lm, cache_dir)
+    folder = path.parent
     if path.is_file():
         return path, True
     folder.mkdir(parents=True, exist_ok=True)
