@@ -37,7 +37,8 @@ ENV PYTHONUNBUFFERED=1 \
 # the pins of bentofile.yaml's python.packages (pyproject: core dependencies + [serve])
 RUN python3 -m pip install \
         "numpy>=1.26" "pillow>=10.1" "safetensors>=0.4" \
-        "bentoml>=1.4,<1.5" "fastapi>=0.115" "${ORT_PACKAGE}>=1.20" "prometheus-client>=0.20"
+        "bentoml>=1.4,<1.5" "fastapi>=0.115" "httptools>=0.6" "uvloop>=0.19" \
+        "${ORT_PACKAGE}>=1.20" "prometheus-client>=0.20"
 
 RUN useradd --create-home --uid 1000 mp2a
 WORKDIR /app

@@ -11,9 +11,10 @@ threads and settings), the artifact's head and the same top-k JSON
 It is the fastest simple server, not a strawman: the work runs off the event loop in a thread
 pool as large as the service's (MP2A_THREADS, default 64, through `anyio.to_thread` with a
 capacity limiter, as the service does), one image per model call (ONNX Runtime runs
-concurrent calls of one session). What the service takes beyond this is what the framework,
-the batching and the service's promises (input checks, JSON errors, metrics, traffic, hot
-swap) cost.
+concurrent calls of one session), in as many processes as the service runs (`--workers N`:
+uvicorn's workers, each session on cores/N threads as the service's are). What the service
+takes beyond this is what the framework, the batching and the service's promises (input
+checks, JSON errors, metrics, traffic, hot swap) cost.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import anyio.to_thread
 
 from mp2a.artifact import load_artifact
 from mp2a.preprocess import preprocess_image
-from serving.backends import OrtBackend
+from serving.backends import OrtBackend, cpu_count
 from serving.decode import DecodeLimits, InputError, decode_image
 from serving.predictor import answer
 
@@ -46,9 +48,9 @@ def first_part(body: bytes, content_type: str) -> bytes:
     return body[start:end]
 
 
-def make_app(run: Path, precision: str = "fp32"):
+def make_app(run: Path, precision: str = "fp32", workers: int = 1):
     art = load_artifact(run)
-    backend = OrtBackend(art, precision=precision)
+    backend = OrtBackend(art, threads=max(1, cpu_count() // workers), precision=precision)
     limits = DecodeLimits()
     top_k = min(5, len(art.classes))
     version = str(art.version)
@@ -93,6 +95,15 @@ def make_app(run: Path, precision: str = "fp32"):
     return app
 
 
+def app_from_env():
+    """uvicorn's factory for `--workers N` (each worker process imports and builds the app)."""
+    return make_app(
+        Path(os.environ["MP2A_BARE_RUN"]),
+        os.environ["MP2A_BARE_PRECISION"],
+        int(os.environ["MP2A_BARE_WORKERS"]),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
@@ -101,9 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    p.add_argument("--workers", type=int, default=1, help="processes (as the service's)")
     a = p.parse_args(argv)
-    app = make_app(Path(a.run), a.precision)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False)
+    opts = {"host": a.host, "port": a.port, "log_level": "warning", "access_log": False}
+    if a.workers == 1:
+        uvicorn.run(make_app(Path(a.run), a.precision), **opts)
+        return 0
+    os.environ.update(
+        MP2A_BARE_RUN=str(Path(a.run).resolve()),
+        MP2A_BARE_PRECISION=a.precision,
+        MP2A_BARE_WORKERS=str(a.workers),
+    )
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config("benchmarks.bare:app_from_env", factory=True, workers=a.workers, **opts)
+    # uvicorn's own `workers` binds a socket of protocol 0, so asyncio never sets TCP_NODELAY
+    # on its connections and every response waits out a delayed ACK (~40 ms here); the
+    # socket is made as a single uvicorn makes it (protocol TCP), as BentoML's workers get it
+    family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((a.host, a.port))
+    sock.set_inheritable(True)
+    Multiprocess(config, sockets=[sock]).run()
     return 0
 
 

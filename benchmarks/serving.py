@@ -16,10 +16,13 @@ DIR, e.g. Office-31's 1000x1000 DSLR and 152-752 px webcam JPEGs; left out witho
 `jpeg1080p` and `jpeg12mp` (synthesised photo-like JPEGs, q=90, 1920x1080 and 4000x3000) and
 `png_screenshot` (a 1280x800 PNG of flat panels and text).
 
-Variants: `ort` (the service), `ort-full-decode` (the service with MP2A_DECODE_DRAFT=0, every
-JPEG decoded at full size, as before decoding at the model's scale), `bare` (the threaded
-reference, benchmarks/bare.py), `ort-bentoml`, `ort-2-workers`, `torch` (the 256 px JPEG only)
-and with --peers `litserve` and `bentoml-plain` (benchmarks/peers.py, their own venv).
+Variants: `ort` (the service as configured by default: MP2A_WORKERS=auto), `ort-full-decode`
+(the service with MP2A_DECODE_DRAFT=0, every JPEG decoded at full size, as before decoding at
+the model's scale), `bare` (the threaded reference, benchmarks/bare.py, in as many processes
+as the service chose: read from its GET /model), `ort-1-worker` and `bare-1-worker` (both in
+one process), `ort-pure-python-http` (uvicorn on h11 and asyncio's loop: httptools and uvloop
+made unimportable), `ort-bentoml`, `torch` (the 256 px JPEG only) and with --peers `litserve` and
+`bentoml-plain` (benchmarks/peers.py, their own venv).
 
 Time outside the model, per request: 1 - (seconds of the encoder call the request rode in,
 from the server's Server-Timing header) / (client-side latency). Both processes share this
@@ -74,8 +77,10 @@ VARIANTS = {
     "torch": ("torch", "fp32"),
     "bare": ("bare", "fp32"),
     "bare-int8": ("bare", "int8"),  # the reference for a service on the int8 encoder
+    "bare-1-worker": ("bare", "fp32"),
     "ort-bentoml": ("ort", "fp32"),
-    "ort-2-workers": ("ort", "fp32"),
+    "ort-1-worker": ("ort", "fp32"),
+    "ort-pure-python-http": ("ort", "fp32"),
     "ort-int8-bentoml": ("ort", "int8"),
     "ort-full-decode": ("ort", "fp32"),
     "ort-int8-full-decode": ("ort", "int8"),
@@ -85,8 +90,13 @@ VARIANT_ENV = {
     "ort-int8-full-decode": {"MP2A_DECODE_DRAFT": "0"},
     "ort-bentoml": {"MP2A_DIRECT_PREDICT": "0"},
     "ort-int8-bentoml": {"MP2A_DIRECT_PREDICT": "0"},
-    "ort-2-workers": {"MP2A_WORKERS": "2"},
+    "ort-1-worker": {"MP2A_WORKERS": "1"},
 }
+# uvicorn without its C parts: httptools and uvloop made unimportable, so it falls back to
+# h11 and asyncio's own loop (as before they were dependencies of the service)
+PURE_PYTHON_HTTP = {"ort-pure-python-http"}
+# the reference variants and the service variant whose worker count each follows (None: one)
+BARE_FOLLOWS = {"bare": "ort", "bare-int8": "ort-int8", "bare-1-worker": None}
 
 
 @dataclass(frozen=True)
@@ -102,14 +112,22 @@ class ModelPlan:
 MODELS = {
     "tiny-digits": ModelPlan(
         None,
-        ("ort", "ort-bentoml", "ort-2-workers", "bare", "torch"),
+        (
+            "ort",
+            "ort-bentoml",
+            "ort-1-worker",
+            "ort-pure-python-http",
+            "bare",
+            "bare-1-worker",
+            "torch",
+        ),
         (Level(1, 300, 8.0), Level(8, 1200, 10.0), Level(32, 2000, 12.0)),
         ("ort", "ort-full-decode", "bare"),
         (Level(1, 150, 5.0), Level(8, 600, 6.0), Level(32, 1000, 6.0)),
     ),
     "ViT-B-16": ModelPlan(
         "random",
-        ("ort", "ort-bentoml", "ort-int8", "ort-int8-bentoml", "ort-2-workers", "bare", "torch"),
+        ("ort", "ort-bentoml", "ort-int8", "ort-int8-bentoml", "bare", "torch"),
         (Level(1, 10, 12.0), Level(8, 40, 25.0), Level(32, 80, 30.0)),
         ("ort-int8", "ort-int8-full-decode", "bare-int8"),
         (Level(1, 6, 8.0), Level(8, 24, 15.0), Level(32, 48, 20.0)),
@@ -301,21 +319,27 @@ def wait_ready(
 
 
 @contextlib.contextmanager
-def running_server(run: Path, variant: str, log_file: Path) -> Iterator[str]:
-    """`bentoml serve` on `run` on a free loopback port (the bare reference for "bare");
-    yields its base URL."""
+def running_server(run: Path, variant: str, log_file: Path, workers: int = 1) -> Iterator[str]:
+    """`bentoml serve` on `run` on a free loopback port (the bare reference, in `workers`
+    processes, for "bare*"); yields its base URL."""
     from serving.launch import serve_command, serve_env
 
     port = free_port()
     backend, precision = VARIANTS[variant]
     env = {**serve_env(run, backend, precision), **VARIANT_ENV.get(variant, {})}
+    if variant in PURE_PYTHON_HTTP:
+        blocked = log_file.with_name(log_file.stem + "-no-c-http")
+        blocked.mkdir(exist_ok=True)
+        for name in ("httptools", "uvloop"):
+            (blocked / f"{name}.py").write_text(f"raise ImportError('{name} left out')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(blocked), env.get("PYTHONPATH", "")])
     # a home of its own: servers running side by side must not share (and reset) BentoML's
     # metrics directory
     env["BENTOML_HOME"] = str(log_file.with_name(log_file.stem + "-bentoml-home"))
     cmd = serve_command(port, "127.0.0.1")
     if backend == "bare":
         cmd = [sys.executable, "-m", "benchmarks.bare", str(run), "--port", str(port),
-               "--precision", precision]  # fmt: skip
+               "--precision", precision, "--workers", str(workers)]  # fmt: skip
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     with open(log_file, "ab") as logf:
@@ -332,6 +356,13 @@ def running_server(run: Path, variant: str, log_file: Path) -> Iterator[str]:
             yield url
         finally:
             stop_group(proc)
+
+
+def served_workers(url: str) -> int:
+    """The worker processes a running service chose (GET /model runtime.workers)."""
+    with urllib.request.urlopen(url + "/model", timeout=10) as r:
+        info = json.load(r)
+    return int(info["runtime"].get("workers", {}).get("count", 1))
 
 
 def scrape_batch_stats(url: str) -> tuple[float, float]:
@@ -618,9 +649,15 @@ def run(
             by_workload: dict[str, dict[str, list[dict]]] = {name: {} for name in images}
             with contextlib.ExitStack() as servers:
                 urls: dict[str, str] = {}
-                for v in variants:
+                processes: dict[str, int] = {}  # variant -> worker processes it runs
+                # the services first: each reference runs as many processes as its service
+                for v in sorted(variants, key=lambda v: v in BARE_FOLLOWS):
                     log_file = tmp_path / f"{model}-{v}.log"
-                    urls[v] = servers.enter_context(running_server(run_dir, v, log_file))
+                    follows = BARE_FOLLOWS.get(v)
+                    n = processes.get(follows, 1) if follows else 1
+                    urls[v] = servers.enter_context(running_server(run_dir, v, log_file, n))
+                    processes[v] = n if v in BARE_FOLLOWS else served_workers(urls[v])
+                results[model]["worker_processes"] = processes
                 if peers:
                     precision = "int8" if int8 else "fp32"
                     peer_model = write_model(run_dir, tmp_path / f"{model}-peer", precision)
@@ -674,7 +711,9 @@ def _summary(results: dict) -> dict:
     for model, by_workload in results.items():
         row: dict = {}
         for name, r in by_workload.items():
-            if not isinstance(r, dict) or not {"bare", "bare-int8"} & set(r):
+            if name == "worker_processes" or not isinstance(r, dict):
+                continue
+            if not {"bare", "bare-int8"} & set(r):
                 continue
             svc_name = "ort" if "ort" in r else "ort-int8"
             before = f"{svc_name}-full-decode"
@@ -700,12 +739,17 @@ def _summary(results: dict) -> dict:
                     row[f"{name}_service_vs_best_peer_throughput_c{c}"] = _ratio(
                         rps, measured[best]
                     )
-                for other in ("ort-bentoml", "ort-2-workers"):
+                for other in ("ort-bentoml", "ort-1-worker", "ort-pure-python-http"):
                     if other in r:
                         key = other.removeprefix("ort-").replace("-", "_")
                         row[f"{name}_{key}_vs_bare_throughput_c{c}"] = _ratio(
                             _at(r[other], c)["requests_per_s"], level["requests_per_s"]
                         )
+                if "ort-1-worker" in r and "bare-1-worker" in r:  # both in one process
+                    row[f"{name}_1_worker_vs_bare_1_worker_throughput_c{c}"] = _ratio(
+                        _at(r["ort-1-worker"], c)["requests_per_s"],
+                        _at(r["bare-1-worker"], c)["requests_per_s"],
+                    )
                 if c == 1 and svc["p50_ms"] is not None and level["p50_ms"] is not None:
                     row[f"{name}_c1_p50_overhead_ms"] = round(svc["p50_ms"] - level["p50_ms"], 2)
             if "torch" in r:

@@ -189,8 +189,10 @@ def serve(
     except ValueError as e:
         raise Mp2aError(str(e)) from None
     workers = os.environ.get("MP2A_WORKERS", "").strip()
-    if workers and not (workers.isdigit() and int(workers) >= 1):
-        raise Mp2aError(f"MP2A_WORKERS={workers!r}: give a whole number of worker processes, ≥ 1")
+    if workers and workers.lower() != "auto" and not (workers.isdigit() and int(workers) >= 1):
+        raise Mp2aError(
+            f"MP2A_WORKERS={workers!r}: give a whole number of worker processes ≥ 1, or auto"
+        )
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(
         f"mp2a: serving {run} ({backend}, {precision}) on http://{shown}:{port}\n"

@@ -6,7 +6,7 @@ Configuration (environment, read when the worker starts):
     MP2A_PRECISION      the ort backend's encoder: fp32 (default) or int8
                         (RUN/export/image_encoder.int8.onnx from `mp2a export --format onnx-int8`)
     MP2A_WORKERS        worker processes, each with its own model session and a share of the
-                        cores (default 1; serving/README.md "Workers")
+                        cores: a number, or auto (default: measured, serving/workers.py)
     MP2A_THREADS        request threads per worker (default 64: every waiting request holds
                         one, and the requests waiting together form the next batch)
     MP2A_DIRECT_PREDICT 1 (default): the upload guard answers the prediction routes itself
@@ -64,7 +64,7 @@ from online.hub import EdgeTokens
 from online.monitor import Monitor, MonitorConfig
 from online.state import DEFAULT_SITE, StateError, open_state
 from online.swap import VersionWatcher
-from serving import routes
+from serving import routes, workers
 from serving.backends import cpu_count, load_backend
 from serving.decode import DecodeLimits, InputError
 from serving.docs import JsonErrors
@@ -89,11 +89,12 @@ def _env_int(name: str, default: int) -> int:
 
 MAX_UPLOAD = _env_int("MP2A_MAX_UPLOAD_MB", 16) * 2**20
 # Worker processes, each with its own model session, sharing the port, the traffic store,
-# the version line and the metrics directory. One by default: measured on 2 cores, a second
-# worker competes with the first for the same cores (serving/README.md, "Workers").
-WORKERS = _env_int("MP2A_WORKERS", 1)
-if WORKERS < 1:
-    raise ValueError(f"MP2A_WORKERS={WORKERS}: give 1 or more worker processes")
+# the version line and the metrics directory. `auto` (default): one per core for a model that
+# gains little from the cores, one for a model that uses them all (serving/workers.py).
+WORKER_CHOICE = workers.resolve(
+    os.environ, Path(os.environ.get("MP2A_RUN") or DEFAULT_RUN), cpu_count()
+)
+WORKERS = WORKER_CHOICE.count
 MAX_BATCH_IMAGES = _env_int("MP2A_MAX_BATCH_IMAGES", 64)
 
 
@@ -137,6 +138,7 @@ def _tracing() -> dict:
 @bentoml.service(
     name="mp2a",
     workers=WORKERS,
+    envs=workers.child_env(WORKER_CHOICE),
     threads=_env_int("MP2A_THREADS", 64),
     traffic={"timeout": 120},
     tracing=_tracing(),
@@ -234,6 +236,7 @@ class Mp2aService:
             log.warning("cannot list the kept versions: %s", e)
             info["versions"] = []
         info["state"] = {**self.state.describe(), "connected": self.watcher.healthy}
+        info["runtime"]["workers"] = WORKER_CHOICE.describe()
         return info
 
     def __metrics__(self, content: str) -> str:

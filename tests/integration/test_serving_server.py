@@ -443,6 +443,44 @@ def test_two_worker_processes_share_the_port_the_store_the_versions_and_the_metr
             time.sleep(0.2)
 
 
+def test_the_default_worker_count_is_measured_once_and_shared_by_every_worker(
+    run_dir, expected, tmp_path
+):
+    """MP2A_WORKERS unset (auto): the server times its encoder once and starts that many
+    worker processes; every worker reports the same measurement in GET /model and answers
+    correctly, with its session on its share of the cores."""
+    from serving import workers as worker_rule
+    from serving.backends import cpu_count
+
+    art = load_artifact(run_dir)
+    env = {k: v for k, v in os.environ.items() if k != "MP2A_WORKERS"}
+    env |= {"BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(tmp_path / "bentoml-home")}
+    env["MP2A_STORE"] = "off"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mp2a", "serve", str(run_dir), "--host", "127.0.0.1"]
+    with process([*cmd, "--port", str(port)], env, tmp_path / "serve.log", url + "/readyz") as p:
+        procs = [
+            pid
+            for pid in descendants(p.pid)
+            if "_bentoml_impl.worker.service" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        seen = []
+        for _ in range(16):  # fresh connections: the kernel spreads them over the workers
+            with httpx.Client(base_url=url, timeout=60) as c:
+                seen.append(c.get("/model").json()["runtime"])
+                f = next(iter(expected))
+                check(predict_ok(c, f), expected[f], art.classes)
+    chosen = seen[0]["workers"]
+    assert chosen["chosen"] == "auto" and chosen["count"] == len(procs) >= 1
+    assert all(r["workers"] == chosen for r in seen)  # one measurement, not one per worker
+    assert all(r["threads"] == max(1, cpu_count() // len(procs)) for r in seen)
+    if cpu_count() > 1:
+        ms = chosen["encoder_ms_by_threads"]
+        lone_cost = ms["1"] - ms[str(cpu_count())]
+        assert (len(procs) > 1) == (lone_cost <= worker_rule.LONE_COST_MS), chosen
+
+
 def test_serve_refuses_a_bad_worker_count_in_one_line(run_dir, capsys, monkeypatch):
     from mp2a.cli import main
 
