@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Protocol
@@ -43,12 +44,34 @@ class Backend(Protocol):
         ...
 
 
-def cpu_count() -> int:
-    """CPUs this process may run on (affinity/cgroup-aware where the OS says so)."""
+def cpu_count(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its CPU affinity, and a container's CPU limit (a cgroup
+    quota, which the affinity does not show: a pod limited to 2 CPUs on a 64-core node sees
+    64), rounded up."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        n = len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpu_limit(cgroup)
+    return max(1, min(n, math.ceil(quota))) if quota is not None else n
+
+
+def _cgroup_cpu_limit(root: Path) -> float | None:
+    """CPUs a cgroup quota allows (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`),
+    or None without a limit or a readable cgroup."""
+    try:
+        fields = (root / "cpu.max").read_text().split()  # "max 100000" or "200000 100000"
+        if len(fields) == 2 and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def encoder_path(art: Artifact, precision: str = "fp32") -> Path:

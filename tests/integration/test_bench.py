@@ -217,6 +217,18 @@ def test_bench_serving_compares_an_int8_service_with_the_int8_reference():
     fp32_only = {"ort-int8": rows(4.0), "bare": rows(2.0)}
     assert _summary({"m": {"dslr": fp32_only}})["m"]["dslr_service_vs_bare_throughput_c8"] == 2.0
     assert _summary({"m": {"dslr": {"bare-int8": rows(5.0)}}}) == {"m": {}}
+    # the processes each variant ran are recorded beside the workloads, not read as one;
+    # one process of the service is compared with one process of the reference
+    one = {
+        "ort": rows(6.0),
+        "bare": rows(6.0),
+        "ort-1-worker": rows(3.0),
+        "bare-1-worker": rows(4.0),
+    }
+    s = _summary({"m": {"jpeg256": one, "worker_processes": {"ort": 2, "bare": 2}}})["m"]
+    assert s["jpeg256_service_vs_bare_throughput_c8"] == 1.0
+    assert s["jpeg256_1_worker_vs_bare_1_worker_throughput_c8"] == 0.75
+    assert s["jpeg256_1_worker_vs_bare_throughput_c8"] == 0.5
 
 
 def test_bench_load_labels_each_part_with_its_own_media_type():

@@ -105,3 +105,25 @@ def test_a_worker_takes_its_parents_choice_and_nobody_elses(tmp_path):
     )
     count, how, reason = json.loads(out.stdout)
     assert (count, how) == (1, "auto") and "could not time" in reason  # measured: no artifact
+
+
+def test_the_cpu_count_follows_a_containers_cpu_limit(tmp_path):
+    """A pod limited to 1.5 CPUs on a larger node: 2 (rounded up), not the node's cores; no
+    limit ("max", -1) or no cgroup: the affinity's count."""
+    from serving.backends import cpu_count
+
+    cores = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cpu_count(v2) == min(cores, 2)
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_count(v2) == cores
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("50000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_count(v1.parent) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_count(v1.parent) == cores
+    assert cpu_count(tmp_path / "none") == cores
