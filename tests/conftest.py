@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
-# The suite's servers run one worker process each unless MP2A_WORKERS is set: the default
-# (auto) gives the micro CLIP one per core, which on 2 cores adds ~4 minutes of start-ups to
-# the suite. The default itself is tested with MP2A_WORKERS unset
-# (test_serving_server.py::test_the_default_worker_count_is_measured_once_and_shared_by_every
-# _worker), two workers by their own test, and `MP2A_WORKERS=auto make test` runs the whole
-# suite as a default server would.
-os.environ.setdefault("MP2A_WORKERS", "1")
 
 MICRO_CONFIG = {
     "model_cfg": {
