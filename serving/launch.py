@@ -24,6 +24,7 @@ from mp2a.artifact import load_artifact
 from mp2a.errors import ArtifactError, Mp2aError
 from online.hub import EdgeTokens
 from online.supervisor import WorkerSupervisor, edge_supervisor
+from serving import workers as worker_count
 from serving.backends import BACKENDS, ENCODERS, EXPORT_FORMAT, encoder_path
 
 log = logging.getLogger(__name__)
@@ -188,11 +189,10 @@ def serve(
         EdgeTokens.from_env(os.environ)
     except ValueError as e:
         raise Mp2aError(str(e)) from None
-    workers = os.environ.get("MP2A_WORKERS", "").strip()
-    if workers and workers.lower() != "auto" and not (workers.isdigit() and int(workers) >= 1):
-        raise Mp2aError(
-            f"MP2A_WORKERS={workers!r}: give a whole number of worker processes ≥ 1, or auto"
-        )
+    try:
+        worker_count.requested(os.environ)  # the count itself is chosen by the service
+    except ValueError as e:
+        raise Mp2aError(str(e)) from None
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(
         f"mp2a: serving {run} ({backend}, {precision}) on http://{shown}:{port}\n"

@@ -139,15 +139,24 @@ def measure_artifact(run: Path, precision: str) -> Measure:
     return measure
 
 
+def requested(env: Mapping[str, str]) -> int | None:
+    """The number MP2A_WORKERS sets, or None for auto (unset, empty or `auto`); a ValueError
+    that says what to write for anything else."""
+    raw = env.get(ENV, "").strip()
+    if raw.lower() in ("", "auto"):
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{ENV}={raw!r}: give a whole number of worker processes ≥ 1, or auto")
+    return int(raw)
+
+
 def resolve(env: Mapping[str, str], run: Path, cores: int) -> Workers:
     """The worker count for this server. With `auto`, a worker process started by an `auto`
     server takes the count its server measured (`CHOSEN_ENV`, which the server passes to its
     workers, checked to come from the parent process); anything else measures."""
-    raw = env.get(ENV, "").strip().lower()
-    if raw and raw != "auto":
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"{ENV}={raw!r}: give a whole number of worker processes ≥ 1, or auto")
-        return Workers(int(raw), ENV, f"{ENV}={int(raw)}")
+    given = requested(env)
+    if given is not None:
+        return Workers(given, ENV, f"{ENV}={given}")
     inherited = _inherited(env.get(CHOSEN_ENV, ""))
     if inherited is not None:
         return inherited

@@ -58,6 +58,8 @@ def test_a_number_is_taken_as_given_and_bad_values_are_refused(tmp_path):
     chosen = workers.resolve({"MP2A_WORKERS": "3"}, tmp_path, cores=2)
     assert (chosen.count, chosen.chosen) == (3, "MP2A_WORKERS")
     assert workers.child_env(chosen) == []  # nothing measured, nothing to pass on
+    for auto in ("", " auto ", "AUTO"):
+        assert workers.requested({"MP2A_WORKERS": auto}) is None
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ValueError, match="MP2A_WORKERS"):
             workers.resolve({"MP2A_WORKERS": bad}, tmp_path, cores=2)
